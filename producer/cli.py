@@ -1,0 +1,128 @@
+"""``python -m producer publish``: publish events from the command line, with confirms."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from producer.envelope import build_body
+from producer.exceptions import ConfigError, HooklineError, InvalidEnvelope, PublishError
+from producer.publisher import EventSpec, Publisher
+from producer.settings import BrokerSettings, load_broker_settings
+
+EXIT_BAD_INPUT = 2
+EXIT_NOT_PUBLISHED = 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m producer", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    publish = commands.add_parser("publish", help="publish events and print their ids")
+    publish.add_argument("--config", type=Path, default=Path("config.yaml"))
+    publish.add_argument("--type", dest="event_type", help="event type, e.g. order.created")
+    publish.add_argument("--data", help="the event's data as a JSON object")
+    publish.add_argument("--id", dest="event_id", help="event id (default: generated)")
+    publish.add_argument(
+        "--file", type=Path, help="JSON lines, each {type, data[, id][, timestamp]}"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        broker = load_broker_settings(args.config)
+        events = _events_from_args(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return asyncio.run(_publish(broker, events))
+
+
+def _events_from_args(args: argparse.Namespace) -> list[EventSpec]:
+    if args.file is not None:
+        if args.event_type or args.data or args.event_id:
+            raise ConfigError("--file cannot be combined with --type, --data or --id")
+        return _read_jsonl(args.file)
+    if not args.event_type:
+        raise ConfigError("--type is required (or --file)")
+    data = _parse_object(args.data or "{}", "--data")
+    return [_spec({"type": args.event_type, "data": data, "id": args.event_id}, "--type")]
+
+
+def _read_jsonl(path: Path) -> list[EventSpec]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        raise ConfigError(f"{path}: cannot read the file") from None
+    return [
+        _spec(_parse_object(line, f"{path}:{number}"), f"{path}:{number}")
+        for number, line in enumerate(lines, start=1)
+        if line.strip()
+    ]
+
+
+def _parse_object(text: str, where: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise ConfigError(f"{where}: not valid JSON") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: must be a JSON object")
+    return value
+
+
+def _spec(document: dict[str, Any], where: str) -> EventSpec:
+    unknown = set(document) - {"type", "data", "id", "timestamp"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+    try:
+        timestamp = document.get("timestamp")
+        spec = EventSpec(
+            type=document.get("type", ""),
+            data=document.get("data", {}),
+            id=document.get("id"),
+            timestamp=None if timestamp is None else datetime.fromisoformat(timestamp),
+        )
+        # Validate every line before connecting, so a bad file publishes nothing.
+        build_body(spec.type, spec.data, event_id=spec.id, timestamp=spec.timestamp)
+    except (InvalidEnvelope, TypeError, ValueError) as exc:
+        reason = exc if isinstance(exc, InvalidEnvelope) else "timestamp must be RFC 3339"
+        raise ConfigError(f"{where}: {reason}") from None
+    return spec
+
+
+async def _publish(broker: BrokerSettings, events: list[EventSpec]) -> int:
+    try:
+        async with Publisher.from_settings(broker) as publisher:
+            results = await asyncio.gather(
+                *(
+                    publisher.publish(
+                        spec.type, spec.data, event_id=spec.id, timestamp=spec.timestamp
+                    )
+                    for spec in events
+                ),
+                return_exceptions=True,
+            )
+    except (HooklineError, OSError) as exc:
+        print(f"error: cannot publish to {broker.masked_url}: {_describe(exc)}", file=sys.stderr)
+        return EXIT_NOT_PUBLISHED
+    failed = 0
+    for spec, result in zip(events, results, strict=True):
+        if isinstance(result, str):
+            print(result)
+        else:
+            failed += 1
+            print(f"error: {spec.type}: not published: {_describe(result)}", file=sys.stderr)
+    return EXIT_NOT_PUBLISHED if failed else 0
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, PublishError | ConfigError):
+        return str(exc)
+    return exc.__class__.__name__

@@ -1,0 +1,30 @@
+"""The one exception tree of Hookline; the worker extends it in ``worker.exceptions``."""
+
+from __future__ import annotations
+
+
+class HooklineError(Exception):
+    """Base of every error Hookline raises on purpose."""
+
+
+class ConfigError(HooklineError):
+    """The configuration (file, field or environment) is unusable.
+
+    The message names the file and the field and never contains a secret value.
+    """
+
+
+class InvalidEnvelope(HooklineError):
+    """A message body is not a valid Hookline envelope."""
+
+
+class PublishError(HooklineError):
+    """An event could not be handed safely to the broker."""
+
+
+class NotConfirmed(PublishError):
+    """The broker did not confirm the message (nack, timeout or lost connection)."""
+
+
+class Unroutable(PublishError):
+    """The broker returned the message: no queue is bound for its routing key."""

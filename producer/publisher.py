@@ -1,0 +1,178 @@
+"""Publishing with publisher confirms and mandatory routing, for services and for the worker.
+
+``publish_confirmed`` is the one place where aio-pika publish errors become Hookline errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Self
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+
+from producer.envelope import build_body
+from producer.exceptions import NotConfirmed, Unroutable
+from producer.settings import BrokerSettings, mask_url
+
+CONTENT_TYPE = "application/json"
+
+
+def persistent_message(
+    body: bytes,
+    *,
+    message_id: str | None = None,
+    headers: Mapping[str, Any] | None = None,
+    timestamp: datetime | None = None,
+) -> aio_pika.Message:
+    """aio-pika messages are transient by default; every Hookline message is persistent."""
+    return aio_pika.Message(
+        body,
+        content_type=CONTENT_TYPE,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=message_id,
+        headers=dict(headers) if headers else None,
+        timestamp=timestamp,
+    )
+
+
+async def publish_confirmed(
+    exchange: AbstractExchange,
+    message: aio_pika.Message,
+    routing_key: str,
+    timeout_s: float,
+) -> None:
+    """Publish and wait for the broker's confirm; raise unless the message is safely queued.
+
+    The channel behind ``exchange`` must be opened with ``on_return_raises=True`` so that an
+    unroutable message raises instead of coming back through a callback.
+    """
+    try:
+        await exchange.publish(message, routing_key, mandatory=True, timeout=timeout_s)
+    except aiormq.exceptions.PublishError as exc:
+        raise Unroutable(f"no queue is bound for routing key {routing_key!r}") from exc
+    except aiormq.exceptions.DeliveryError as exc:
+        raise NotConfirmed(f"broker refused the message for {routing_key!r}") from exc
+    except TimeoutError as exc:
+        raise NotConfirmed(f"no confirm within {timeout_s}s for {routing_key!r}") from exc
+    except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+        # RuntimeError covers aio-pika's ChannelInvalidStateError on a closed channel.
+        raise NotConfirmed(f"connection lost while publishing to {routing_key!r}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class EventSpec:
+    """One event to publish: what ``Publisher.publish_many`` takes."""
+
+    type: str
+    data: dict[str, Any] = field(default_factory=dict)
+    id: str | None = None
+    timestamp: datetime | None = None
+
+
+class Publisher:
+    """Publishes events onto the Hookline exchange; every successful call was confirmed.
+
+    ``publish`` raises :class:`Unroutable` when no endpoint subscribes to the event type
+    and :class:`NotConfirmed` when the broker did not confirm it; it never reports an
+    unconfirmed event as sent. Use it as ``async with Publisher(url) as publisher``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        exchange: str = "webhooks",
+        *,
+        confirm_timeout_s: float = 10.0,
+        max_in_flight: int = 100,
+    ) -> None:
+        self._url = url
+        self._exchange_name = exchange
+        self._confirm_timeout_s = confirm_timeout_s
+        self._max_in_flight = max_in_flight
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._exchange: AbstractExchange | None = None
+
+    @classmethod
+    def from_settings(cls, broker: BrokerSettings) -> Publisher:
+        return cls(
+            broker.connection_url(),
+            broker.exchange,
+            confirm_timeout_s=broker.publish_timeout_s,
+        )
+
+    def __repr__(self) -> str:
+        return f"Publisher({mask_url(self._url)!r}, exchange={self._exchange_name!r})"
+
+    async def connect(self) -> None:
+        self._connection = await aio_pika.connect_robust(self._url)
+        self._channel = await self._connection.channel(
+            publisher_confirms=True, on_return_raises=True
+        )
+        # Declaring is idempotent and lets services publish before any worker has run.
+        self._exchange = await self._channel.declare_exchange(
+            self._exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+        self._connection = self._channel = self._exchange = None
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def publish(
+        self,
+        event_type: str,
+        data: dict[str, Any],
+        *,
+        event_id: str | None = None,
+        timestamp: datetime | None = None,
+    ) -> str:
+        """Publish one event and return its id once the broker has confirmed it."""
+        event_id, body = build_body(event_type, data, event_id=event_id, timestamp=timestamp)
+        await self.publish_body(event_type, body, event_id=event_id)
+        return event_id
+
+    async def publish_body(self, event_type: str, body: bytes, *, event_id: str) -> None:
+        """Publish an already serialised envelope (routing key = its type)."""
+        if self._exchange is None:
+            raise RuntimeError("Publisher is not connected; use 'async with Publisher(...)'")
+        message = persistent_message(body, message_id=event_id)
+        await publish_confirmed(self._exchange, message, event_type, self._confirm_timeout_s)
+
+    async def publish_many(self, events: Iterable[EventSpec]) -> list[str]:
+        """Publish with many confirms in flight; ids come back in input order.
+
+        Raises the first failure after every publish has settled, so the caller knows
+        that no event is still in doubt when it returns.
+        """
+        gate = asyncio.Semaphore(self._max_in_flight)
+
+        async def one(spec: EventSpec) -> str:
+            async with gate:
+                return await self.publish(
+                    spec.type, spec.data, event_id=spec.id, timestamp=spec.timestamp
+                )
+
+        results = await asyncio.gather(*(one(spec) for spec in events), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return [result for result in results if isinstance(result, str)]

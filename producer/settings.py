@@ -1,0 +1,140 @@
+"""Reading ``config.yaml``: the file, the environment overrides and the ``broker`` section.
+
+This module and ``worker.settings`` are the only places that read the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from producer.exceptions import ConfigError
+
+BROKER_URL_ENV = "HOOKLINE_BROKER_URL"
+EXCHANGE_NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
+
+
+class Model(BaseModel):
+    """Base of every settings model: frozen, and unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BrokerSettings(Model):
+    url: SecretStr
+    exchange: str = "webhooks"
+    publish_timeout_s: float = Field(default=10.0, gt=0)
+    heartbeat_s: int = Field(default=30, ge=0)
+    connect_retry_max_s: float = Field(default=30.0, gt=0)
+    queue_type: Literal["quorum", "classic"] = "quorum"
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: SecretStr) -> SecretStr:
+        parts = urlsplit(value.get_secret_value())
+        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+            raise ValueError("must be an amqp:// or amqps:// URL with a host")
+        return value
+
+    @field_validator("exchange")
+    @classmethod
+    def _check_exchange(cls, value: str) -> str:
+        if not EXCHANGE_NAME_RE.match(value) or value.startswith("amq."):
+            raise ValueError("must be 1-200 of [A-Za-z0-9_.:-] and not start with 'amq.'")
+        return value
+
+    @property
+    def masked_url(self) -> str:
+        return mask_url(self.url.get_secret_value())
+
+    def connection_url(self) -> str:
+        """The URL to connect with; heartbeat goes in the query so aio-pika applies it."""
+        url = self.url.get_secret_value()
+        if "heartbeat=" in url:
+            return url
+        return f"{url}{'&' if '?' in url else '?'}heartbeat={self.heartbeat_s}"
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced, fit for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:****@{netloc}"))
+
+
+def read_config_file(path: Path, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Load YAML (or JSON) from ``path`` and apply the environment overrides."""
+    environ = os.environ if environ is None else environ
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.__class__.__name__}") from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{line}") from None
+    if document is None:
+        document = {}
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    override = environ.get(BROKER_URL_ENV)
+    if override:
+        broker = document.get("broker")
+        document["broker"] = {**(broker if isinstance(broker, dict) else {}), "url": override}
+    return document
+
+
+def format_validation_error(path: Path, exc: ValidationError) -> ConfigError:
+    """One line per problem, naming the field, never echoing the value (it may be a secret)."""
+    lines = []
+    for error in exc.errors(include_input=False, include_url=False):
+        field = _field_path(error["loc"])
+        message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+        message = message.removeprefix("Value error, ")
+        lines.append(f"{path}: {field}: {message}")
+    return ConfigError("\n".join(lines))
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part in ("function-after", "function-before") or "[" in str(part):
+            continue
+        else:
+            text += f".{part}" if text else str(part)
+    return text or "(top level)"
+
+
+def load_broker_settings(path: Path, environ: Mapping[str, str] | None = None) -> BrokerSettings:
+    """The ``broker`` section alone: what publishing needs."""
+    document = read_config_file(path, environ)
+    try:
+        return BrokerSettings.model_validate(document.get("broker", {}))
+    except ValidationError as exc:
+        raise _prefixed(path, "broker", exc) from None
+
+
+def _prefixed(path: Path, section: str, exc: ValidationError) -> ConfigError:
+    error = format_validation_error(path, exc)
+    prefix = f"{path}: "
+    return ConfigError(
+        "\n".join(
+            f"{prefix}{section}.{line.removeprefix(prefix)}" for line in str(error).splitlines()
+        )
+    )

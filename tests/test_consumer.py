@@ -1,0 +1,321 @@
+"""End-to-end delivery through a real worker, RabbitMQ and loopback HTTP receivers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from standardwebhooks.webhooks import Webhook
+
+from producer import Publisher
+from producer.envelope import build_body
+from tests.conftest import (
+    AMQP_URL,
+    SECRET_A,
+    SECRET_B,
+    Broker,
+    Receiver,
+    RunWorker,
+    endpoint,
+    eventually,
+    make_settings,
+)
+from worker.topology import dead_letter_queue, endpoint_queue
+
+
+async def publish(exchange: str, event_type: str, data: dict[str, object] | None = None, **kw: object) -> str:
+    async with Publisher(AMQP_URL, exchange) as publisher:
+        return await publisher.publish(event_type, data or {}, **kw)  # type: ignore[arg-type]
+
+
+async def test_fan_out_reaches_exactly_the_subscribed_endpoints(
+    exchange_name: str, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """An event reaches every endpoint whose pattern matches its type, and no other."""
+    settings = make_settings(exchange_name, [
+        endpoint("orders", receiver.url("/orders"), ["order.*"]),
+        endpoint("everything", receiver.url("/all"), ["#"]),
+        endpoint("paid", receiver.url("/paid"), ["*.paid", "invoice.#"]),
+        endpoint("users", receiver.url("/users"), ["user.created"]),
+    ])  # fmt: skip
+    await run_worker(settings)
+    created = await publish(exchange_name, "order.created", {"n": 1})
+    paid = await publish(exchange_name, "order.paid", {"n": 2})
+    deep = await publish(exchange_name, "invoice.line.added", {"n": 3})
+    await receiver.wait_for(lambda: len(receiver.requests) == 7)
+    await asyncio.sleep(0.3)  # nothing else may arrive
+    by_path = {path: sorted(r.headers["webhook-id"] for r in receiver.on(path))
+               for path in ("/orders", "/all", "/paid", "/users")}  # fmt: skip
+    assert by_path == {
+        "/orders": sorted([created, paid]),
+        "/all": sorted([created, paid, deep]),
+        "/paid": sorted([paid, deep]),
+        "/users": [],
+    }
+
+
+async def test_requests_are_signed_and_verify_with_standardwebhooks(
+    exchange_name: str, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """Every request carries the contract headers and verifies with either rotated secret."""
+    settings = make_settings(exchange_name, [
+        {**endpoint("rotating", receiver.url("/hook"), ["a.b"], headers={"X-Team": "core"}),
+         "secret": [SECRET_B, SECRET_A]},
+    ])  # fmt: skip
+    await run_worker(settings)
+    event_id = await publish(exchange_name, "a.b", {"hello": "world"}, event_id="evt-fixed-1")
+    await receiver.wait_for(lambda: len(receiver.requests) == 1)
+    request = receiver.requests[0]
+    headers = {name.lower(): value for name, value in request.headers.items()}
+    assert headers["webhook-id"] == event_id == "evt-fixed-1"
+    assert headers["content-type"] == "application/json"
+    assert headers["user-agent"].startswith("Hookline/")
+    assert headers["x-team"] == "core"
+    assert abs(int(headers["webhook-timestamp"]) - time.time()) < 10
+    assert len(headers["webhook-signature"].split(" ")) == 2
+    for secret in (SECRET_A, SECRET_B):
+        assert Webhook(secret).verify(request.body, headers)["data"] == {"hello": "world"}
+    assert json.loads(request.body)["id"] == event_id
+
+
+async def test_body_is_forwarded_byte_for_byte(
+    exchange_name: str, receiver: Receiver, run_worker: RunWorker, broker: Broker
+) -> None:
+    """Extra top-level keys, key order and whitespace reach the endpoint unchanged."""
+    settings = make_settings(exchange_name, [endpoint("raw", receiver.url("/raw"), ["x.y"])])
+    await run_worker(settings)
+    body = b'{"type": "x.y",  "id":"raw-1", "timestamp":"2026-01-01T00:00:00+01:00", "data":{}, "extra": [1, 2]}'
+    await broker.publish(exchange_name, "x.y", body)
+    await receiver.wait_for(lambda: len(receiver.requests) == 1)
+    assert receiver.requests[0].body == body
+
+
+async def test_failures_retry_with_growing_delays_then_dead_letter(
+    exchange_name: str, receiver: Receiver, run_worker: RunWorker, broker: Broker
+) -> None:
+    """A failing endpoint gets 1 + len(delays_s) attempts, spaced by the delays, then a dead letter."""
+    settings = make_settings(
+        exchange_name,
+        [endpoint("down", receiver.url("/down"), ["e.*"])],
+        retry={"delays_s": [0.3, 0.6, 1.2]},
+    )
+    receiver.script("/down", 500)
+    await run_worker(settings)
+    event_id = await publish(exchange_name, "e.one")
+    await receiver.wait_for(lambda: len(receiver.requests) == 4)
+    times = [r.at for r in receiver.requests]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    for gap, delay in zip(gaps, [0.3, 0.6, 1.2], strict=True):
+        assert delay * 0.9 <= gap <= delay + 1.5, gaps
+    assert {r.headers["webhook-id"] for r in receiver.requests} == {event_id}
+    queue = dead_letter_queue(exchange_name)
+    await eventually(lambda: _has_messages(broker, queue, 1))
+    [letter] = await broker.drain(queue)
+    headers = letter.headers
+    assert headers["hookline-endpoint"] == "down"
+    assert headers["hookline-reason"] == "attempts_exhausted"
+    assert headers["hookline-attempts"] == 4
+    assert headers["hookline-last-status"] == "500"
+    assert "hookline-dead-lettered-at" in headers
+    # x-delivery-count is added by a quorum queue as the test reads it; x-death would be ours.
+    assert not any(name.startswith("x-") for name in headers if name != "x-delivery-count")
+    assert json.loads(letter.body)["id"] == event_id
+    assert letter.delivery_mode == 2
+
+
+async def _has_messages(broker: Broker, queue: str, count: int) -> bool:
+    return await broker.depth(queue) >= count
+
+
+async def test_endpoint_recovering_mid_schedule_gets_the_event(
+    exchange_name: str, receiver: Receiver, run_worker: RunWorker, broker: Broker
+) -> None:
+    """An endpoint that fails twice then answers 2xx receives the event, with nothing dead-lettered."""
+    settings = make_settings(exchange_name, [endpoint("flaky", receiver.url("/flaky"), ["f.*"])])
+    receiver.script("/flaky", 503, 502, 204)
+    worker = await run_worker(settings)
+    await publish(exchange_name, "f.x")
+    await receiver.wait_for(lambda: len(receiver.requests) == 3)
+    await asyncio.sleep(0.5)
+    assert len(receiver.requests) == 3
+    assert await broker.depth(dead_letter_queue(exchange_name)) == 0
+    samples = worker.metrics.deliveries.labels(endpoint="flaky", outcome="delivered")
+    assert samples._value.get() == 1  # noqa: SLF001
+
+
+async def test_no_retry_status_dead_letters_at_once(
+    exchange_name: str, receiver: Receiver, run_worker: RunWorker, broker: Broker
+) -> None:
+    """A status listed in no_retry_statuses (410 by default) dead-letters after one attempt."""
+    settings = make_settings(exchange_name, [endpoint("gone", receiver.url("/gone"), ["g.*"])])
+    receiver.script("/gone", 410)
+    await run_worker(settings)
+    await publish(exchange_name, "g.x")
+    queue = dead_letter_queue(exchange_name)
+    await eventually(lambda: _has_messages(broker, queue, 1))
+    [letter] = await broker.drain(queue)
+    assert letter.headers["hookline-reason"] == "no_retry_status"
+    assert letter.headers["hookline-last-status"] == "410"
+    assert letter.headers["hookline-attempts"] == 1
+    assert len(receiver.requests) == 1
+
+
+async def test_redirects_are_failed_attempts_not_followed(
+    exchange_name: str, receiver: Receiver, run_worker: RunWorker, broker: Broker
+) -> None:
+    """A 3xx is a failed attempt; the Location is never requested."""
+    settings = make_settings(
+        exchange_name,
+        [endpoint("moved", receiver.url("/moved"), ["m.*"])],
+        retry={"delays_s": [0.1]},
+    )
+    receiver.script("/moved", (302, {"Location": receiver.url("/elsewhere")}))
+    await run_worker(settings)
+    await publish(exchange_name, "m.x")
+    queue = dead_letter_queue(exchange_name)
+    await eventually(lambda: _has_messages(broker, queue, 1))
+    assert receiver.on("/elsewhere") == []
+    [letter] = await broker.drain(queue)
+    assert letter.headers["hookline-last-status"] == "302"
+
+
+async def test_retry_after_lengthens_the_next_delay(
+    exchange_name: str, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """Retry-After on 429 picks a longer configured delay, never beyond the largest."""
+    settings = make_settings(
+        exchange_name,
+        [endpoint("limited", receiver.url("/limited"), ["r.*"])],
+        retry={"delays_s": [0.2, 0.2, 1.5]},
+    )
+    receiver.script("/limited", (429, {"Retry-After": "1"}), (429, {"Retry-After": "3600"}), 200)
+    await run_worker(settings)
+    await publish(exchange_name, "r.x")
+    await receiver.wait_for(lambda: len(receiver.requests) == 3, timeout_s=20)
+    first, second, third = (r.at for r in receiver.requests)
+    assert 1.35 <= second - first <= 3.0  # rounded up to the 1.5 s tier, not 0.2 s
+    assert 1.35 <= third - second <= 3.0  # capped at the largest delay, not an hour
+
+
+async def test_invalid_envelopes_are_dead_lettered_while_good_events_flow(
+    exchange_name: str, receiver: Receiver, run_worker: RunWorker, broker: Broker
+) -> None:
+    """Every kind of invalid envelope is dead-lettered at once with its reason; valid ones deliver."""
+    settings = make_settings(
+        exchange_name,
+        [endpoint("ep", receiver.url("/ep"), ["#"])],
+        delivery={"max_body_bytes": 2048},
+    )
+    await run_worker(settings)
+    good = [build_body("ok.event", {"i": i})[1] for i in range(3)]
+    bad = [
+        b"\xff\xfe not utf-8",
+        b"not json",
+        b"[1, 2, 3]",
+        b'{"type": "a.b", "timestamp": "2026-01-01T00:00:00Z", "data": {}}',
+        b'{"id": "", "type": "a.b", "timestamp": "2026-01-01T00:00:00Z", "data": {}}',
+        b'{"id": 5, "type": "a.b", "timestamp": "2026-01-01T00:00:00Z", "data": {}}',
+        b'{"id": "x", "type": "a..b", "timestamp": "2026-01-01T00:00:00Z", "data": {}}',
+        b'{"id": "x", "type": "a.b", "timestamp": "yesterday", "data": {}}',
+        b'{"id": "x", "type": "a.b", "timestamp": "2026-01-01T00:00:00", "data": {}}',
+        b'{"id": "x", "type": "a.b", "timestamp": "2026-01-01T00:00:00Z", "data": []}',
+        b'{"id": "x", "type": "a.b", "timestamp": "2026-01-01T00:00:00Z"}',
+        b'{"id": "x", "type": "a.b", "timestamp": "2026-01-01T00:00:00Z", "data": {"n": NaN}}',
+        build_body("big.event", {"blob": "x" * 4096})[1],
+    ]
+    for index, body in enumerate(bad):
+        await broker.publish(exchange_name, "bad.thing", body, message_id=f"bad-{index}")
+        await broker.publish(exchange_name, "ok.event", good[index % 3])
+    queue = dead_letter_queue(exchange_name)
+    await eventually(lambda: _has_messages(broker, queue, len(bad)))
+    await receiver.wait_for(lambda: len(receiver.requests) == len(bad))
+    letters = await broker.drain(queue)
+    assert sorted(letter.body for letter in letters) == sorted(bad)
+    for letter in letters:
+        assert letter.headers["hookline-reason"] == "invalid_envelope"
+        assert letter.headers["hookline-attempts"] == 0
+        assert letter.headers["hookline-detail"]
+    assert all(json.loads(r.body)["type"] == "ok.event" for r in receiver.requests)
+
+
+async def test_hung_endpoint_does_not_slow_another(
+    exchange_name: str, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """While one endpoint hangs until its timeout on every request, another delivers promptly."""
+    settings = make_settings(exchange_name, [
+        endpoint("hung", receiver.url("/hung"), ["load.*"], timeout_s=3, max_in_flight=4),
+        endpoint("fast", receiver.url("/fast"), ["load.*"]),
+    ], retry={"delays_s": [5]})  # fmt: skip
+    receiver.script("/hung", (200, {}, 30.0))
+    await run_worker(settings)
+    started = time.monotonic()
+    async with Publisher(AMQP_URL, exchange_name) as publisher:
+        for index in range(200):
+            await publisher.publish("load.tick", {"i": index})
+    await receiver.wait_for(lambda: len(receiver.on("/fast")) == 200, timeout_s=20)
+    elapsed = time.monotonic() - started
+    # The hung endpoint's 3 s timeouts would show up as multi-second stalls here.
+    assert elapsed < 2.9, elapsed
+    assert len(receiver.on("/hung")) <= 4
+
+
+async def test_blocked_destination_is_dead_lettered_without_retries(
+    exchange_name: str, receiver: Receiver, run_worker: RunWorker, broker: Broker
+) -> None:
+    """With the SSRF guard on, a loopback endpoint is never contacted and dead-letters at once."""
+    settings = make_settings(
+        exchange_name,
+        [
+            endpoint("literal", receiver.url("/literal"), ["s.*"]),
+            endpoint("named", receiver.url("/named").replace("127.0.0.1", "localhost"), ["s.*"]),
+        ],
+        security={"allow_private_networks": False},
+    )
+    await run_worker(settings)
+    await publish(exchange_name, "s.x")
+    queue = dead_letter_queue(exchange_name)
+    await eventually(lambda: _has_messages(broker, queue, 2))
+    letters = await broker.drain(queue)
+    assert {letter.headers["hookline-endpoint"] for letter in letters} == {"literal", "named"}
+    assert {letter.headers["hookline-reason"] for letter in letters} == {"blocked_destination"}
+    assert receiver.requests == []
+
+
+async def test_connection_refused_and_timeouts_are_retried(
+    exchange_name: str, receiver: Receiver, run_worker: RunWorker, broker: Broker
+) -> None:
+    """Connection errors and timeouts count as failed attempts and end with their error class."""
+    settings = make_settings(exchange_name, [
+        endpoint("refused", "http://127.0.0.1:9/nothing-listens", ["t.*"]),
+        endpoint("slow", receiver.url("/slow"), ["t.*"], timeout_s=0.3),
+    ], retry={"delays_s": [0.1]})  # fmt: skip
+    receiver.script("/slow", (200, {}, 5.0))
+    await run_worker(settings)
+    await publish(exchange_name, "t.x")
+    queue = dead_letter_queue(exchange_name)
+    await eventually(lambda: _has_messages(broker, queue, 2))
+    letters = {m.headers["hookline-endpoint"]: m.headers for m in await broker.drain(queue)}
+    assert letters["refused"]["hookline-last-status"] == "connection_error"
+    assert letters["slow"]["hookline-last-status"] == "timeout"
+    assert letters["slow"]["hookline-attempts"] == 2
+
+
+async def test_messages_wait_in_endpoint_queue_until_a_worker_starts(
+    exchange_name: str, receiver: Receiver, run_worker: RunWorker, broker: Broker
+) -> None:
+    """Topology declared by one worker keeps events queued for the next; workers share the load."""
+    settings = make_settings(exchange_name, [endpoint("q", receiver.url("/q"), ["w.*"])])
+    first = await run_worker(settings)
+    first.request_stop()
+    await eventually(lambda: _is_stopped(first))
+    ids = [await publish(exchange_name, "w.x", {"i": i}) for i in range(20)]
+    assert await broker.depth(endpoint_queue(exchange_name, "q")) == 20
+    await run_worker(settings)
+    await run_worker(settings)
+    await receiver.wait_for(lambda: len(receiver.requests) == 20)
+    assert sorted(r.headers["webhook-id"] for r in receiver.requests) == sorted(ids)
+
+
+async def _is_stopped(worker: object) -> bool:
+    return not worker.is_ready()  # type: ignore[attr-defined]

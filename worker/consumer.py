@@ -1,0 +1,194 @@
+"""Consuming one endpoint's queue: parse, attempt, decide, record, then ack."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+
+from producer.envelope import Envelope, parse_envelope
+from worker.delivery import AttemptResult, EndpointClient, invalid_envelope
+from worker.exceptions import InvalidEnvelope, PublishError
+from worker.metrics import Metrics
+from worker.recorder import Recorder, attempts_made, settle
+from worker.retry import Action, Decision, decide
+from worker.settings import EndpointSettings, Settings
+from worker.topology import declare_endpoint
+
+# After an outcome could not be recorded, wait before requeueing, so that a broker in
+# trouble (alarm, failover) is not met with a tight redeliver-and-POST loop.
+RECORD_FAILURE_PAUSE_S = 1.0
+
+OUTCOME_EVENTS = {
+    Action.ACK: "delivery_succeeded",
+    Action.RETRY: "delivery_retry_scheduled",
+    Action.DEAD_LETTER: "delivery_dead_lettered",
+}
+
+
+class EndpointConsumer:
+    """One endpoint's consumer on its own channel: its prefetch bounds its concurrency."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        endpoint: EndpointSettings,
+        channel: AbstractChannel,
+        client: EndpointClient,
+        recorder: Recorder,
+        metrics: Metrics,
+    ) -> None:
+        self._settings = settings
+        self._endpoint = endpoint
+        self._channel = channel
+        self._client = client
+        self._recorder = recorder
+        self._metrics = metrics
+        self._log = structlog.get_logger("hookline.delivery").bind(endpoint=endpoint.name)
+        self._queue: AbstractQueue | None = None
+        self._consumer_tag: str | None = None
+        self._stopping = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._in_flight = metrics.in_flight.labels(endpoint=endpoint.name)
+        self._duration = metrics.duration.labels(endpoint=endpoint.name)
+        self._end_to_end = metrics.end_to_end.labels(endpoint=endpoint.name)
+
+    @property
+    def consuming(self) -> bool:
+        return self._consumer_tag is not None and not self._stopping
+
+    @property
+    def in_flight_tasks(self) -> set[asyncio.Task[Any]]:
+        return set(self._tasks)
+
+    async def start(self) -> None:
+        # Declared on this channel so the robust channel re-declares it after a reconnect.
+        self._queue = await declare_endpoint(self._channel, self._settings, self._endpoint)
+        await self._channel.set_qos(prefetch_count=self._settings.max_in_flight_for(self._endpoint))
+        self._consumer_tag = await self._queue.consume(self._on_message)
+
+    async def stop_consuming(self) -> None:
+        """Stop taking new messages; any that still arrive go back to the queue."""
+        self._stopping = True
+        if self._queue is not None and self._consumer_tag is not None:
+            try:
+                await self._queue.cancel(self._consumer_tag)
+            except Exception as exc:  # noqa: BLE001 - broker may already be gone; nothing to cancel
+                self._log.warning("consumer_cancel_failed", error=exc.__class__.__name__)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        if self._stopping:
+            await settle(message, requeue=True)
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self._handle(message)
+        except Exception:  # noqa: BLE001 - logged with its traceback; the worker must live
+            # A bug, not an endpoint failure: keep the message and keep the worker alive.
+            self._log.exception("delivery_handler_crashed", message_id=message.message_id)
+            await asyncio.sleep(RECORD_FAILURE_PAUSE_S)
+            await settle(message, requeue=True)
+        finally:
+            self._tasks.discard(task)
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        attempt = attempts_made(message.headers) + 1
+        log = self._log.bind(attempt=attempt)
+        envelope: Envelope | None = None
+        try:
+            envelope = parse_envelope(message.body, self._settings.delivery.max_body_bytes)
+        except InvalidEnvelope as exc:
+            result = invalid_envelope(str(exc))
+            log = log.bind(message_id=message.message_id)
+        else:
+            log = log.bind(event_id=envelope.id, event_type=envelope.type)
+            result = await self._attempt(envelope, message.body)
+        decision = decide(result, attempt, self._settings.retry)
+        try:
+            await self._record(message, decision, result, attempt)
+        except PublishError as exc:
+            self._metrics.record_failures.labels(endpoint=self._endpoint.name).inc()
+            log.warning(
+                "delivery_outcome_not_recorded",
+                status=result.last_status,
+                error=str(exc),
+                requeue_after_s=RECORD_FAILURE_PAUSE_S,
+            )
+            await asyncio.sleep(RECORD_FAILURE_PAUSE_S)
+            await settle(message, requeue=True)
+            return
+        self._observe(decision, result, envelope, log)
+
+    async def _attempt(self, envelope: Envelope, body: bytes) -> AttemptResult:
+        self._in_flight.inc()
+        try:
+            result = await self._client.attempt(envelope.id, body)
+        finally:
+            self._in_flight.dec()
+        if result.error != "blocked_destination":
+            self._duration.observe(result.duration_s)
+        self._metrics.attempts.labels(
+            endpoint=self._endpoint.name, status_class=result.status_class
+        ).inc()
+        return result
+
+    async def _record(
+        self,
+        message: AbstractIncomingMessage,
+        decision: Decision,
+        result: AttemptResult,
+        attempt: int,
+    ) -> None:
+        if decision.action is Action.RETRY:
+            assert decision.delay_s is not None
+            await self._recorder.schedule_retry(
+                message, self._endpoint.name, attempt, decision.delay_s
+            )
+        elif decision.action is Action.DEAD_LETTER:
+            assert decision.reason is not None
+            await self._recorder.dead_letter(
+                message,
+                endpoint=self._endpoint.name,
+                reason=decision.reason,
+                attempts=attempt if result.error != "invalid_envelope" else attempt - 1,
+                last_status=result.last_status,
+                detail=result.detail,
+            )
+        if not await settle(message):
+            self._log.warning("ack_failed_will_be_redelivered", message_id=message.message_id)
+
+    def _observe(
+        self,
+        decision: Decision,
+        result: AttemptResult,
+        envelope: Envelope | None,
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        name = self._endpoint.name
+        self._metrics.deliveries.labels(endpoint=name, outcome=decision.action.value).inc()
+        fields = {
+            "status": result.last_status,
+            "duration_ms": round(result.duration_s * 1000, 1),
+            "outcome": decision.action.value,
+        }
+        if decision.action is Action.ACK:
+            assert envelope is not None
+            self._end_to_end.observe(
+                max(0.0, (datetime.now(UTC) - envelope.timestamp).total_seconds())
+            )
+            log.info(OUTCOME_EVENTS[decision.action], **fields)
+            return
+        fields["detail"] = result.detail
+        if decision.action is Action.RETRY:
+            fields["next_delay_s"] = decision.delay_s
+        else:
+            assert decision.reason is not None
+            fields["reason"] = decision.reason.value
+            self._metrics.dead_lettered.labels(endpoint=name, reason=decision.reason.value).inc()
+        log.warning(OUTCOME_EVENTS[decision.action], **fields)

@@ -1,0 +1,31 @@
+"""The worker's branch of Hookline's one exception tree (rooted in ``producer.exceptions``)."""
+
+from __future__ import annotations
+
+from producer.exceptions import (
+    ConfigError,
+    HooklineError,
+    InvalidEnvelope,
+    NotConfirmed,
+    PublishError,
+    Unroutable,
+)
+
+__all__ = [
+    "BlockedDestination",
+    "ConfigError",
+    "HooklineError",
+    "InvalidEnvelope",
+    "NotConfirmed",
+    "PublishError",
+    "TopologyConflict",
+    "Unroutable",
+]
+
+
+class BlockedDestination(HooklineError):
+    """The endpoint's address is refused by the ``security`` settings (SSRF guard)."""
+
+
+class TopologyConflict(HooklineError):
+    """A queue or exchange exists on the broker with other arguments than Hookline declares."""

@@ -1,0 +1,57 @@
+"""structlog set-up: JSON lines, or console rendering on a terminal."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import TextIO
+
+import structlog
+
+from worker.settings import WorkerSection
+
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+          "error": logging.ERROR}  # fmt: skip
+# The AMQP libraries log every reconnect attempt with a traceback; the worker logs
+# connection changes itself, so only their errors are let through.
+QUIET_LIBRARIES = ("aio_pika", "aiormq")
+
+
+def configure_logging(section: WorkerSection, stream: TextIO | None = None) -> None:
+    stream = stream if stream is not None else sys.stderr
+    use_console = section.log_format == "console" or (
+        section.log_format == "auto" and stream.isatty()
+    )
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: structlog.typing.Processor = (
+        structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
+    )
+    tail: list[structlog.typing.Processor] = (
+        [] if use_console else [structlog.processors.dict_tracebacks]
+    )
+    structlog.configure(
+        processors=[*shared, *tail, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(LEVELS[section.log_level]),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                *tail,
+                renderer,
+            ],
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.ERROR)

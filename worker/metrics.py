@@ -1,0 +1,91 @@
+"""Every Prometheus metric the worker exports. Labels come only from small fixed sets:
+endpoint names (from the config), outcomes, reasons and status classes; never URLs or ids."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from producer import __version__
+
+DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+END_TO_END_BUCKETS_S = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 10800, 43200, 86400,
+)  # fmt: skip
+
+
+class Metrics:
+    """One set of metrics on its own registry, so several workers can share a process."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.deliveries = Counter(
+            "webhook_deliveries",
+            "Delivery attempts by what was done with the message afterwards.",
+            ["endpoint", "outcome"],
+            registry=r,
+        )
+        self.attempts = Counter(
+            "webhook_attempts",
+            "Delivery attempts by HTTP status class or error class.",
+            ["endpoint", "status_class"],
+            registry=r,
+        )
+        self.dead_lettered = Counter(
+            "webhook_dead_lettered",
+            "Messages moved to the dead-letter queue, by reason.",
+            ["endpoint", "reason"],
+            registry=r,
+        )
+        self.record_failures = Counter(
+            "webhook_record_failures",
+            "Outcomes that could not be recorded (republish not confirmed); message requeued.",
+            ["endpoint"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "webhook_delivery_duration_seconds",
+            "Time of one HTTP attempt.",
+            ["endpoint"],
+            buckets=DURATION_BUCKETS_S,
+            registry=r,
+        )
+        self.end_to_end = Histogram(
+            "webhook_end_to_end_seconds",
+            "From the envelope's timestamp to its successful delivery.",
+            ["endpoint"],
+            buckets=END_TO_END_BUCKETS_S,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "webhook_in_flight",
+            "Deliveries in progress.",
+            ["endpoint"],
+            registry=r,
+        )
+        self.broker_connected = Gauge(
+            "webhook_broker_connected",
+            "1 while the worker's broker connections are up.",
+            registry=r,
+        )
+        self.ready = Gauge(
+            "webhook_worker_ready",
+            "1 while the worker is connected and consuming.",
+            registry=r,
+        )
+        self.info = Gauge(
+            "webhook_worker_info",
+            "Constant 1, labelled with the Hookline version.",
+            ["version"],
+            registry=r,
+        )
+        self.info.labels(version=__version__).set(1)
+
+    def register_endpoint(self, endpoint: str) -> None:
+        """Create every series of an endpoint at zero, so rates exist before the first event."""
+        for outcome in ("delivered", "retried", "dead_lettered"):
+            self.deliveries.labels(endpoint=endpoint, outcome=outcome)
+        self.in_flight.labels(endpoint=endpoint)
+        self.record_failures.labels(endpoint=endpoint)
+        self.duration.labels(endpoint=endpoint)
+        self.end_to_end.labels(endpoint=endpoint)

@@ -1,0 +1,247 @@
+"""The worker's settings: one frozen object built at start-up and passed in explicitly.
+
+Built from ``config.yaml`` plus environment overrides (``HOOKLINE_BROKER_URL``, and each
+endpoint's ``secret_env``). This module and ``producer.settings`` are the only readers
+of the environment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from producer.settings import BrokerSettings, Model, format_validation_error, read_config_file
+from worker.signing import SigningKey
+
+ENDPOINT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+PATTERN_WORD_RE = re.compile(r"^(\*|#|[A-Za-z0-9_-]+)$")
+HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# Headers Hookline owns; an endpoint may not override them.
+RESERVED_HEADERS = frozenset(
+    {
+        "content-type",
+        "content-length",
+        "host",
+        "user-agent",
+        "webhook-id",
+        "webhook-timestamp",
+        "webhook-signature",
+        "transfer-encoding",
+        "connection",
+    }
+)
+MAX_DELAY_S = 30 * 24 * 3600  # RabbitMQ TTLs are 32-bit milliseconds; a month is plenty.
+
+PositiveSeconds = Annotated[float, Field(gt=0)]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class WorkerSection(Model):
+    shutdown_timeout_s: PositiveSeconds = 30.0
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class MetricsSettings(Model):
+    host: str = "0.0.0.0"  # noqa: S104 - metrics are meant to be scraped from outside the pod
+    port: int = Field(default=9100, ge=0, le=65535)
+
+
+class DeliverySettings(Model):
+    timeout_s: PositiveSeconds = 10.0
+    connect_timeout_s: PositiveSeconds = 5.0
+    max_body_bytes: int = Field(default=1_048_576, gt=0)
+    max_in_flight: int = Field(default=32, ge=1, le=1000)
+    max_response_bytes: int = Field(default=65_536, ge=0)
+
+
+class RetrySettings(Model):
+    delays_s: tuple[float, ...] = (5, 30, 120, 600, 1800, 3600, 10800, 21600)
+    no_retry_statuses: frozenset[int] = frozenset({410})
+
+    @field_validator("delays_s")
+    @classmethod
+    def _check_delays(cls, delays: tuple[float, ...]) -> tuple[float, ...]:
+        for delay in delays:
+            if not 0.001 <= delay <= MAX_DELAY_S:
+                raise ValueError(f"each delay must be between 0.001 and {MAX_DELAY_S} seconds")
+        return delays
+
+    @field_validator("no_retry_statuses")
+    @classmethod
+    def _check_statuses(cls, statuses: frozenset[int]) -> frozenset[int]:
+        if any(not 100 <= status <= 599 for status in statuses):
+            raise ValueError("statuses must be HTTP status codes (100-599)")
+        return statuses
+
+    @property
+    def max_attempts(self) -> int:
+        return 1 + len(self.delays_s)
+
+
+class SecuritySettings(Model):
+    require_https: bool = True
+    allow_private_networks: bool = False
+    allowed_networks: tuple[Network, ...] = ()
+
+
+class EndpointSettings(Model):
+    name: str
+    url: str
+    events: tuple[str, ...] = Field(min_length=1)
+    secret: SecretStr | tuple[SecretStr, ...] | None = None
+    secret_env: str | tuple[str, ...] | None = None
+    timeout_s: PositiveSeconds | None = None
+    max_in_flight: int | None = Field(default=None, ge=1, le=1000)
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    _signing_keys: tuple[SigningKey, ...] = PrivateAttr(default=())
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        if not ENDPOINT_NAME_RE.match(name):
+            raise ValueError("must match [a-z0-9][a-z0-9_-]{0,62}")
+        return name
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError:
+            raise ValueError("is not a valid URL") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("must not carry credentials; use headers for authentication")
+        if port == 0 or parts.fragment:
+            raise ValueError("is not a valid URL")
+        return url
+
+    @field_validator("events")
+    @classmethod
+    def _check_patterns(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in patterns:
+            if len(pattern) > 255 or not all(
+                PATTERN_WORD_RE.match(word) for word in pattern.split(".")
+            ):
+                raise ValueError(
+                    f"{pattern!r} is not a topic pattern (dot-separated words, '*' or '#')"
+                )
+        return patterns
+
+    @field_validator("headers")
+    @classmethod
+    def _check_headers(cls, headers: dict[str, str]) -> dict[str, str]:
+        for name, value in headers.items():
+            if not HEADER_NAME_RE.match(name):
+                raise ValueError(f"{name!r} is not a valid header name")
+            if name.lower() in RESERVED_HEADERS:
+                raise ValueError(f"{name!r} is set by Hookline and cannot be overridden")
+            if "\r" in value or "\n" in value:
+                raise ValueError(f"the value of {name!r} contains a line break")
+        return headers
+
+    @model_validator(mode="after")
+    def _resolve_secrets(self, info: ValidationInfo) -> EndpointSettings:
+        environ: Mapping[str, str] = (info.context or {}).get("environ", {})
+        inline = _as_tuple(self.secret)
+        named = _as_tuple(self.secret_env)
+        if not inline and not named:
+            raise ValueError("needs 'secret' or 'secret_env'")
+        if inline and named:
+            raise ValueError("set either 'secret' or 'secret_env', not both")
+        values = [secret.get_secret_value() for secret in inline if isinstance(secret, SecretStr)]
+        for variable in named:
+            value = environ.get(str(variable))
+            if not value:
+                raise ValueError(f"secret_env: environment variable {variable} is not set")
+            values.append(value)
+        self._signing_keys = tuple(SigningKey.parse(value) for value in values)
+        return self
+
+    @property
+    def signing_keys(self) -> tuple[SigningKey, ...]:
+        """Decoded once at load; the first signs as the newest during a rotation."""
+        return self._signing_keys
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+
+def _as_tuple(value: object) -> tuple[object, ...]:
+    if value is None:
+        return ()
+    return value if isinstance(value, tuple) else (value,)
+
+
+class Settings(Model):
+    broker: BrokerSettings
+    worker: WorkerSection = WorkerSection()
+    metrics: MetricsSettings = MetricsSettings()
+    delivery: DeliverySettings = DeliverySettings()
+    retry: RetrySettings = RetrySettings()
+    security: SecuritySettings = SecuritySettings()
+    endpoints: tuple[EndpointSettings, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check_endpoints(self) -> Settings:
+        seen: set[str] = set()
+        for endpoint in self.endpoints:
+            if endpoint.name in seen:
+                raise ValueError(f"endpoint name {endpoint.name!r} is used twice")
+            seen.add(endpoint.name)
+            if self.security.require_https and not endpoint.url.startswith("https://"):
+                raise ValueError(
+                    f"endpoint {endpoint.name!r}: http:// URLs are refused while "
+                    "security.require_https is true"
+                )
+        return self
+
+    def endpoint(self, name: str) -> EndpointSettings:
+        for endpoint in self.endpoints:
+            if endpoint.name == name:
+                return endpoint
+        raise KeyError(name)
+
+    def timeout_for(self, endpoint: EndpointSettings) -> float:
+        return endpoint.timeout_s if endpoint.timeout_s is not None else self.delivery.timeout_s
+
+    def max_in_flight_for(self, endpoint: EndpointSettings) -> int:
+        if endpoint.max_in_flight is not None:
+            return endpoint.max_in_flight
+        return self.delivery.max_in_flight
+
+
+def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings from ``path`` and the environment, or raise :class:`ConfigError`."""
+    environ = os.environ if environ is None else environ
+    document = read_config_file(path, environ)
+    return settings_from_document(document, path, environ)
+
+
+def settings_from_document(
+    document: dict[str, Any], path: Path, environ: Mapping[str, str]
+) -> Settings:
+    try:
+        return Settings.model_validate(document, context={"environ": environ})
+    except ValidationError as exc:
+        raise format_validation_error(path, exc) from None

@@ -1,0 +1,140 @@
+"""Queue names and declarations; every name starts with ``<exchange>.``.
+
+- ``<exchange>``: topic exchange producers publish to.
+- ``<exchange>.endpoint.<name>``: one work queue per endpoint, bound with its patterns,
+  so a slow endpoint only ever delays its own queue.
+- ``<exchange>.endpoint.<name>.delay.<delay>``: one delay queue per endpoint and delay;
+  a message waits out the queue's TTL, then dead-letters back to the endpoint's queue
+  through the default exchange. No consumer ever reads them.
+- ``<exchange>.dead-letter``: where deliveries end when they cannot succeed.
+
+Work queues have no dead-letter exchange on purpose: RabbitMQ silently drops messages
+that dead-letter around a loop with no rejection in it, so retries are republished by the
+worker (with confirms) instead of routed by the broker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+
+from worker.exceptions import TopologyConflict
+from worker.retry import delay_tiers
+from worker.settings import EndpointSettings, Settings
+
+T = TypeVar("T")
+
+
+def endpoint_queue(exchange: str, endpoint: str) -> str:
+    return f"{exchange}.endpoint.{endpoint}"
+
+
+def delay_label(delay_s: float) -> str:
+    milliseconds = round(delay_s * 1000)
+    if milliseconds % 1000 == 0:
+        return f"{milliseconds // 1000}s"
+    return f"{milliseconds}ms"
+
+
+def delay_queue(exchange: str, endpoint: str, delay_s: float) -> str:
+    # Named by delay, not attempt number: queue arguments are immutable, so a changed
+    # schedule gets new queues while the old ones keep draining into the endpoint.
+    return f"{endpoint_queue(exchange, endpoint)}.delay.{delay_label(delay_s)}"
+
+
+def dead_letter_queue(exchange: str) -> str:
+    return f"{exchange}.dead-letter"
+
+
+def queue_names(settings: Settings) -> list[str]:
+    """Every queue the worker declares for ``settings`` (for tools and for clean-up)."""
+    exchange = settings.broker.exchange
+    names = [dead_letter_queue(exchange)]
+    for endpoint in settings.endpoints:
+        names.append(endpoint_queue(exchange, endpoint.name))
+        names.extend(
+            delay_queue(exchange, endpoint.name, delay) for delay in delay_tiers(settings.retry)
+        )
+    return names
+
+
+def _type_arguments(settings: Settings) -> dict[str, Any]:
+    return {"x-queue-type": settings.broker.queue_type}
+
+
+async def _translating_conflicts(coro: Awaitable[T]) -> T:
+    try:
+        return await coro
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        raise TopologyConflict(
+            f"{exc.args[0] if exc.args else exc}; it exists with other arguments "
+            "(for example another broker.queue_type): delete it or rename the exchange"
+        ) from None
+
+
+async def declare_exchange(channel: AbstractChannel, settings: Settings) -> AbstractExchange:
+    return await _translating_conflicts(
+        channel.declare_exchange(
+            settings.broker.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+    )
+
+
+async def declare_dead_letter_queue(channel: AbstractChannel, settings: Settings) -> AbstractQueue:
+    return await _translating_conflicts(
+        channel.declare_queue(
+            dead_letter_queue(settings.broker.exchange),
+            durable=True,
+            arguments=_type_arguments(settings),
+        )
+    )
+
+
+async def declare_endpoint(
+    channel: AbstractChannel, settings: Settings, endpoint: EndpointSettings
+) -> AbstractQueue:
+    """The exchange, the endpoint's queue, its bindings and its delay queues. Idempotent."""
+    return await _translating_conflicts(_declare_endpoint(channel, settings, endpoint))
+
+
+async def _declare_endpoint(
+    channel: AbstractChannel, settings: Settings, endpoint: EndpointSettings
+) -> AbstractQueue:
+    exchange = await channel.declare_exchange(
+        settings.broker.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    work_queue = endpoint_queue(settings.broker.exchange, endpoint.name)
+    queue = await channel.declare_queue(
+        work_queue, durable=True, arguments=_type_arguments(settings)
+    )
+    for pattern in endpoint.events:
+        await queue.bind(exchange, routing_key=pattern)
+    for delay in delay_tiers(settings.retry):
+        arguments = {
+            **_type_arguments(settings),
+            "x-message-ttl": round(delay * 1000),
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": work_queue,
+        }
+        if settings.broker.queue_type == "quorum":
+            # Quorum queues can dead-letter at-least-once; classic ones only at-most-once.
+            arguments["x-dead-letter-strategy"] = "at-least-once"
+            arguments["x-overflow"] = "reject-publish"
+        await channel.declare_queue(
+            delay_queue(settings.broker.exchange, endpoint.name, delay),
+            durable=True,
+            arguments=arguments,
+        )
+    return queue
+
+
+async def declare_all(channel: AbstractChannel, settings: Settings) -> None:
+    """Everything the worker needs, for tools that run without a worker."""
+    await declare_exchange(channel, settings)
+    await declare_dead_letter_queue(channel, settings)
+    for endpoint in settings.endpoints:
+        await declare_endpoint(channel, settings, endpoint)
