@@ -65,7 +65,11 @@ def _check_id(value: object) -> str:
 
 
 def _check_type(value: object) -> str:
-    if not isinstance(value, str) or len(value) > MAX_TYPE_LENGTH or not EVENT_TYPE_RE.match(value):
+    if (
+        not isinstance(value, str)
+        or len(value) > MAX_TYPE_LENGTH
+        or not EVENT_TYPE_RE.fullmatch(value)
+    ):
         raise InvalidEnvelope("type must be dot-separated words of letters, digits, '_' or '-'")
     return value
 

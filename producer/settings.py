@@ -46,7 +46,7 @@ class BrokerSettings(Model):
     @field_validator("exchange")
     @classmethod
     def _check_exchange(cls, value: str) -> str:
-        if not EXCHANGE_NAME_RE.match(value) or value.startswith("amq."):
+        if not EXCHANGE_NAME_RE.fullmatch(value) or value.startswith("amq."):
             raise ValueError("must be 1-200 of [A-Za-z0-9_.:-] and not start with 'amq.'")
         return value
 

@@ -52,7 +52,11 @@ class Receiver:
     def url(self, path: str) -> str:
         return f"{self.base_url}{path}"
 
-    def script(self, path: str, *answers: int | tuple[int, dict[str, str]] | tuple[int, dict[str, str], float]) -> None:
+    def script(
+        self,
+        path: str,
+        *answers: int | tuple[int, dict[str, str]] | tuple[int, dict[str, str], float],
+    ) -> None:
         steps: list[tuple[int, dict[str, str], float]] = []
         for answer in answers:
             if isinstance(answer, int):
@@ -66,9 +70,7 @@ class Receiver:
     def on(self, path: str) -> list[Received]:
         return [request for request in self.requests if request.path == path]
 
-    async def wait_for(
-        self, predicate: Callable[[], bool], timeout_s: float = 15.0
-    ) -> None:
+    async def wait_for(self, predicate: Callable[[], bool], timeout_s: float = 15.0) -> None:
         deadline = time.monotonic() + timeout_s
         while not predicate():
             remaining = deadline - time.monotonic()
@@ -113,7 +115,9 @@ def exchange_name() -> str:
     return f"hl-test-{uuid.uuid4().hex[:12]}"
 
 
-def make_document(exchange: str, endpoints: list[dict[str, Any]], **sections: Any) -> dict[str, Any]:
+def make_document(
+    exchange: str, endpoints: list[dict[str, Any]], **sections: Any
+) -> dict[str, Any]:
     """A config document for tests: loopback allowed, short delays, classic or quorum queues."""
     document: dict[str, Any] = {
         "broker": {"url": AMQP_URL, "exchange": exchange, "publish_timeout_s": 5},
@@ -129,7 +133,9 @@ def make_document(exchange: str, endpoints: list[dict[str, Any]], **sections: An
 
 
 def make_settings(exchange: str, endpoints: list[dict[str, Any]], **sections: Any) -> Settings:
-    return settings_from_document(make_document(exchange, endpoints, **sections), Path("test.yaml"), {})
+    return settings_from_document(
+        make_document(exchange, endpoints, **sections), Path("test.yaml"), {}
+    )
 
 
 def endpoint(name: str, url: str, events: list[str], **extra: Any) -> dict[str, Any]:
@@ -143,10 +149,14 @@ class Broker:
         self.connection = connection
         self.declared: set[tuple[str, str]] = set()
 
-    async def publish(self, exchange: str, routing_key: str, body: bytes, **properties: Any) -> None:
+    async def publish(
+        self, exchange: str, routing_key: str, body: bytes, **properties: Any
+    ) -> None:
         channel = await self.connection.channel(on_return_raises=True)
         try:
-            target = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+            target = await channel.declare_exchange(
+                exchange, aio_pika.ExchangeType.TOPIC, durable=True
+            )
             properties.setdefault("delivery_mode", aio_pika.DeliveryMode.PERSISTENT)
             await target.publish(aio_pika.Message(body, **properties), routing_key, timeout=5)
         finally:

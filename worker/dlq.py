@@ -18,7 +18,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from producer.publisher import publish_confirmed
 from worker.recorder import carried_headers, copy_message, settle
 from worker.settings import Settings
-from worker.topology import declare_dead_letter_queue, endpoint_queue
+from worker.topology import declare_all, declare_dead_letter_queue, endpoint_queue
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +125,8 @@ async def replay(
     replayed: list[DeadLetter] = []
     skipped = 0
     async with _dead_letter_queue(settings) as (channel, queue):
+        # Replay may run before any worker declared the endpoint queues.
+        await declare_all(channel, settings)
         async for message in _matching(queue, endpoint, limit):
             letter = DeadLetter.from_message(message)
             if letter.endpoint not in known:

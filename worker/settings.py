@@ -115,7 +115,7 @@ class EndpointSettings(Model):
     @field_validator("name")
     @classmethod
     def _check_name(cls, name: str) -> str:
-        if not ENDPOINT_NAME_RE.match(name):
+        if not ENDPOINT_NAME_RE.fullmatch(name):
             raise ValueError("must match [a-z0-9][a-z0-9_-]{0,62}")
         return name
 
@@ -140,7 +140,7 @@ class EndpointSettings(Model):
     def _check_patterns(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
         for pattern in patterns:
             if len(pattern) > 255 or not all(
-                PATTERN_WORD_RE.match(word) for word in pattern.split(".")
+                PATTERN_WORD_RE.fullmatch(word) for word in pattern.split(".")
             ):
                 raise ValueError(
                     f"{pattern!r} is not a topic pattern (dot-separated words, '*' or '#')"
@@ -151,7 +151,7 @@ class EndpointSettings(Model):
     @classmethod
     def _check_headers(cls, headers: dict[str, str]) -> dict[str, str]:
         for name, value in headers.items():
-            if not HEADER_NAME_RE.match(name):
+            if not HEADER_NAME_RE.fullmatch(name):
                 raise ValueError(f"{name!r} is not a valid header name")
             if name.lower() in RESERVED_HEADERS:
                 raise ValueError(f"{name!r} is set by Hookline and cannot be overridden")

@@ -1,0 +1,259 @@
+"""The command lines, run as real processes: worker run/check-config/dlq and producer publish."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+import yaml
+
+from tests.conftest import SECRET_A, Broker, Receiver, endpoint, make_document
+from worker.settings import settings_from_document
+from worker.topology import dead_letter_queue, declare_all, endpoint_queue
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+async def run(*args: str, timeout_s: float = 60) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *args,
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=timeout_s)
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+def write_config(tmp_path: Path, document: dict[str, Any]) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+@pytest.fixture
+async def config(tmp_path: Path, exchange_name: str, receiver: Receiver, broker: Broker):  # type: ignore[no-untyped-def]
+    document = make_document(
+        exchange_name,
+        [
+            endpoint("orders", receiver.url("/orders"), ["order.*"]),
+            endpoint("slow", receiver.url("/slow"), ["slow.*"], max_in_flight=5),
+        ],
+    )
+    yield write_config(tmp_path, document)
+    await broker.delete_all(settings_from_document(document, Path("x"), {}))
+
+
+async def test_check_config_prints_endpoints_and_bindings(config: Path) -> None:
+    """check-config validates and summarises each endpoint's queue and bindings."""
+    code, out, _ = await run("-m", "worker", "check-config", "--config", str(config))
+    assert code == 0
+    assert "orders" in out and "order.*" in out and ".endpoint.orders" in out
+    assert SECRET_A not in out
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["-m", "worker", "run"],
+        ["-m", "worker", "check-config"],
+        ["-m", "worker", "dlq", "list"],
+        ["-m", "producer", "publish", "--type", "a.b"],
+    ],
+)
+async def test_bad_config_exits_2_without_traceback(tmp_path: Path, command: list[str]) -> None:
+    """Every command reports a bad config in one clear message naming file and field, exit 2."""
+    bad = write_config(
+        tmp_path, {"broker": {"url": "amqp://x/", "exchang": "typo"}, "endpoints": []}
+    )
+    code, out, err = await run(*command, "--config", str(bad))
+    assert code == 2
+    assert "Traceback" not in err + out
+    assert f"{bad}: broker.exchang: unknown key" in err
+    code, _, err = await run(*command, "--config", str(tmp_path / "missing.yaml"))
+    assert (code, "missing.yaml: file not found" in err, "Traceback" in err) == (2, True, False)
+
+
+async def test_producer_cli_publishes_and_reports(
+    config: Path, broker: Broker, exchange_name: str, tmp_path: Path
+) -> None:
+    """publish prints confirmed ids; --file publishes every line; unroutable and bad input fail."""
+    channel = await broker.connection.channel()
+    await declare_all(
+        channel, settings_from_document(yaml.safe_load(config.read_text()), config, {})
+    )
+    await channel.close()
+    code, out, _ = await run(
+        "-m",
+        "producer",
+        "publish",
+        "--config",
+        str(config),
+        "--type",
+        "order.created",
+        "--data",
+        '{"n": 1}',
+        "--id",
+        "cli-1",
+    )
+    assert (code, out.strip()) == (0, "cli-1")
+    lines = tmp_path / "events.jsonl"
+    lines.write_text(
+        "\n".join(json.dumps({"type": "order.paid", "data": {"i": i}}) for i in range(5))
+    )
+    code, out, _ = await run(
+        "-m", "producer", "publish", "--config", str(config), "--file", str(lines)
+    )
+    assert code == 0 and len(out.split()) == 5
+    assert await broker.depth(endpoint_queue(exchange_name, "orders")) == 6
+    code, _, err = await run(
+        "-m", "producer", "publish", "--config", str(config), "--type", "nobody.listens"
+    )
+    assert code == 1 and "no queue is bound" in err
+    code, _, err = await run(
+        "-m", "producer", "publish", "--config", str(config), "--type", "a.b", "--data", "[1]"
+    )
+    assert code == 2 and "--data" in err
+
+
+async def test_worker_run_drains_on_sigterm_and_exits_0(
+    config: Path, receiver: Receiver, broker: Broker, exchange_name: str
+) -> None:
+    """SIGTERM stops consuming, lets in-flight deliveries finish, returns the rest, exits 0."""
+    receiver.script("/slow", (200, {}, 1.0))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker",
+        "run",
+        "--config",
+        str(config),
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await wait_for_log(process, "worker_consuming")
+        code, _, _ = await run(
+            "-m",
+            "producer",
+            "publish",
+            "--config",
+            str(config),
+            "--file",
+            str(write_events(config.parent, "slow.job", 12)),
+        )
+        assert code == 0
+        await receiver.wait_for(lambda: len(receiver.requests) == 5)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), timeout=20)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, stderr.decode()
+    events = [
+        json.loads(line)["event"] for line in stderr.decode().splitlines() if line.startswith("{")
+    ]
+    assert events.count("delivery_succeeded") == 5
+    assert events[-1] == "worker_stopped"
+    assert len(receiver.requests) == 5
+    assert await broker.depth(endpoint_queue(exchange_name, "slow")) == 7
+
+
+async def test_worker_waits_for_an_unreachable_broker(tmp_path: Path) -> None:
+    """An unreachable broker at start is logged and retried; SIGTERM still exits 0."""
+    document = make_document(
+        "hl-nobroker",
+        [endpoint("e", "http://127.0.0.1/", ["#"])],
+        broker={"url": "amqp://guest:guest@127.0.0.1:1/"},
+    )
+    path = write_config(tmp_path, document)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker",
+        "run",
+        "--config",
+        str(path),
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        line = await wait_for_log(process, "broker_unreachable")
+        assert "guest:guest" not in line
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), timeout=10)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0
+
+
+async def test_dlq_commands(config: Path, broker: Broker, exchange_name: str) -> None:
+    """dlq list prints a table; purge insists on --yes; replay reports what it sent."""
+    code, out, _ = await run("-m", "worker", "dlq", "list", "--config", str(config))
+    assert code == 0 and out.strip().endswith("0 dead letters")
+    channel = await broker.connection.channel()
+    await channel.default_exchange.publish(
+        aio_pika.Message(
+            b'{"id":"d-1","type":"order.x","timestamp":"2026-01-01T00:00:00Z","data":{}}',
+            headers={
+                "hookline-endpoint": "orders",
+                "hookline-reason": "attempts_exhausted",
+                "hookline-attempts": 9,
+                "hookline-last-status": "500",
+                "hookline-dead-lettered-at": "2026-01-01T00:00:00+00:00",
+            },
+        ),
+        dead_letter_queue(exchange_name),
+    )
+    await channel.close()
+    code, out, _ = await run(
+        "-m", "worker", "dlq", "list", "--config", str(config), "--endpoint", "orders"
+    )
+    assert code == 0 and "d-1" in out and "attempts_exhausted" in out and "1 dead letter" in out
+    code, _, err = await run("-m", "worker", "dlq", "purge", "--config", str(config))
+    assert code == 2 and "--yes" in err
+    code, out, _ = await run("-m", "worker", "dlq", "replay", "--config", str(config))
+    assert code == 0 and "replayed d-1 -> orders" in out
+    assert await broker.depth(endpoint_queue(exchange_name, "orders")) == 1
+    code, _, err = await run(
+        "-m", "worker", "dlq", "list", "--config", str(config), "--endpoint", "nope"
+    )
+    assert code == 2 and "nope" in err
+
+
+def write_events(directory: Path, event_type: str, count: int) -> Path:
+    path = directory / "events.jsonl"
+    path.write_text(
+        "\n".join(json.dumps({"type": event_type, "data": {"i": i}}) for i in range(count))
+    )
+    return path
+
+
+async def wait_for_log(
+    process: asyncio.subprocess.Process, event: str, timeout_s: float = 20
+) -> str:
+    assert process.stderr is not None
+
+    async def read() -> str:
+        assert process.stderr is not None
+        while True:
+            line = (await process.stderr.readline()).decode()
+            if not line:
+                raise AssertionError(f"process ended before logging {event}")
+            if f'"event": "{event}"' in line:
+                return line
+
+    return await asyncio.wait_for(read(), timeout=timeout_s)

@@ -1,0 +1,73 @@
+"""The Publisher reports an event as sent only once the broker confirmed it into a queue."""
+
+from __future__ import annotations
+
+import json
+
+import aio_pika
+import pytest
+
+from producer import EventSpec, NotConfirmed, Publisher, Unroutable
+from tests.conftest import AMQP_URL, Broker, endpoint, make_settings
+from worker.topology import declare_all, endpoint_queue
+
+
+@pytest.fixture
+async def declared(broker: Broker, exchange_name: str):  # type: ignore[no-untyped-def]
+    settings = make_settings(exchange_name, [endpoint("ep", "http://127.0.0.1/", ["order.*"])])
+    channel = await broker.connection.channel()
+    await declare_all(channel, settings)
+    await channel.close()
+    yield settings
+    await broker.delete_all(settings)
+
+
+async def test_publish_lands_persistent_and_well_formed(
+    declared: object, broker: Broker, exchange_name: str
+) -> None:
+    """publish() returns the id after the confirm; the message is persistent JSON in the queue."""
+    async with Publisher(AMQP_URL, exchange_name) as publisher:
+        event_id = await publisher.publish("order.created", {"total": 10}, event_id="ord-1")
+    assert event_id == "ord-1"
+    [message] = await broker.drain(endpoint_queue(exchange_name, "ep"))
+    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert message.content_type == "application/json"
+    assert message.message_id == "ord-1"
+    assert message.routing_key == "order.created"
+    document = json.loads(message.body)
+    assert document["type"] == "order.created" and document["data"] == {"total": 10}
+
+
+async def test_unsubscribed_type_is_reported_not_lost(declared: object, exchange_name: str) -> None:
+    """An event no endpoint subscribes to raises Unroutable instead of vanishing."""
+    async with Publisher(AMQP_URL, exchange_name) as publisher:
+        with pytest.raises(Unroutable, match=r"user\.created"):
+            await publisher.publish("user.created", {})
+
+
+async def test_publish_many_confirms_all_in_order(
+    declared: object, broker: Broker, exchange_name: str
+) -> None:
+    """publish_many keeps many confirms in flight and returns ids in input order."""
+    specs = [EventSpec("order.tick", {"i": i}, id=f"t-{i}") for i in range(500)]
+    async with Publisher(AMQP_URL, exchange_name) as publisher:
+        ids = await publisher.publish_many(specs)
+    assert ids == [f"t-{i}" for i in range(500)]
+    assert await broker.depth(endpoint_queue(exchange_name, "ep")) == 500
+
+
+async def test_closed_publisher_raises_not_confirmed(declared: object, exchange_name: str) -> None:
+    """A publish on a lost connection raises NotConfirmed; nothing is reported as sent."""
+    publisher = Publisher(AMQP_URL, exchange_name, confirm_timeout_s=2)
+    await publisher.connect()
+    channel = publisher._channel
+    assert channel is not None
+    await channel.close()
+    with pytest.raises(NotConfirmed):
+        await publisher.publish("order.created", {})
+    await publisher.close()
+
+
+async def test_publisher_repr_masks_password() -> None:
+    """The broker password never shows in a repr."""
+    assert "s3cret" not in repr(Publisher("amqp://u:s3cret@h/", "x"))

@@ -1,0 +1,98 @@
+"""Queue names are the public contract; declaring is idempotent and conflicts are explained."""
+
+from __future__ import annotations
+
+import aio_pika
+import pytest
+
+from tests.conftest import Broker, endpoint, eventually, make_settings
+from worker.exceptions import TopologyConflict
+from worker.topology import (
+    dead_letter_queue,
+    declare_all,
+    delay_label,
+    delay_queue,
+    endpoint_queue,
+    queue_names,
+)
+
+
+def test_names_follow_the_contract() -> None:
+    """Every queue is '<exchange>.<...>'; dead letters go to exactly '<exchange>.dead-letter'."""
+    assert dead_letter_queue("webhooks") == "webhooks.dead-letter"
+    assert endpoint_queue("webhooks", "billing") == "webhooks.endpoint.billing"
+    assert delay_queue("webhooks", "billing", 30) == "webhooks.endpoint.billing.delay.30s"
+    assert delay_label(0.25) == "250ms"
+    assert delay_label(21600) == "21600s"
+    settings = make_settings(
+        "wh", [endpoint("a", "http://127.0.0.1/", ["#"])], retry={"delays_s": [1, 2, 2]}
+    )
+    assert queue_names(settings) == [
+        "wh.dead-letter",
+        "wh.endpoint.a",
+        "wh.endpoint.a.delay.1s",
+        "wh.endpoint.a.delay.2s",
+    ]
+
+
+@pytest.mark.parametrize("queue_type", ["quorum", "classic"])
+async def test_declare_twice_is_idempotent(
+    broker: Broker, exchange_name: str, queue_type: str
+) -> None:
+    """Workers can start in any number and order: declaring again changes nothing."""
+    settings = make_settings(
+        exchange_name,
+        [endpoint("a", "http://127.0.0.1/", ["x.*"])],
+        broker={"queue_type": queue_type},
+    )
+    try:
+        for _ in range(2):
+            channel = await broker.connection.channel()
+            await declare_all(channel, settings)
+            await channel.close()
+        for name in queue_names(settings):
+            assert await broker.depth(name) == 0
+    finally:
+        await broker.delete_all(settings)
+
+
+async def test_delay_queue_returns_messages_to_the_endpoint_queue(
+    broker: Broker, exchange_name: str
+) -> None:
+    """A message put in a delay queue reappears in the endpoint queue after the TTL."""
+    settings = make_settings(
+        exchange_name, [endpoint("a", "http://127.0.0.1/", ["x.*"])], retry={"delays_s": [0.2]}
+    )
+    try:
+        channel = await broker.connection.channel()
+        await declare_all(channel, settings)
+        await channel.default_exchange.publish(
+            aio_pika.Message(b"{}", delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+            delay_queue(exchange_name, "a", 0.2),
+        )
+        await channel.close()
+        assert await broker.depth(endpoint_queue(exchange_name, "a")) == 0
+
+        async def arrived() -> bool:
+            return await broker.depth(endpoint_queue(exchange_name, "a")) == 1
+
+        await eventually(arrived, timeout_s=5)
+    finally:
+        await broker.delete_all(settings)
+
+
+async def test_conflicting_queue_type_is_a_clear_error(broker: Broker, exchange_name: str) -> None:
+    """A queue that exists with other arguments raises TopologyConflict naming it."""
+    classic = make_settings(
+        exchange_name, [endpoint("a", "http://127.0.0.1/", ["#"])], broker={"queue_type": "classic"}
+    )
+    quorum = make_settings(exchange_name, [endpoint("a", "http://127.0.0.1/", ["#"])])
+    try:
+        channel = await broker.connection.channel()
+        await declare_all(channel, classic)
+        await channel.close()
+        channel = await broker.connection.channel()
+        with pytest.raises(TopologyConflict, match="dead-letter"):
+            await declare_all(channel, quorum)
+    finally:
+        await broker.delete_all(classic)
