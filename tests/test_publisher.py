@@ -7,7 +7,8 @@ import json
 import aio_pika
 import pytest
 
-from producer import EventSpec, NotConfirmed, Publisher, Unroutable
+from examples.publish.plain_aio_pika import publish as plain_publish
+from producer import EventSpec, NotConfirmed, Publisher, Unroutable, parse_envelope
 from tests.conftest import AMQP_URL, Broker, endpoint, make_settings
 from worker.topology import declare_all, endpoint_queue
 
@@ -71,3 +72,13 @@ async def test_closed_publisher_raises_not_confirmed(declared: object, exchange_
 async def test_publisher_repr_masks_password() -> None:
     """The broker password never shows in a repr."""
     assert "s3cret" not in repr(Publisher("amqp://u:s3cret@h/", "x"))
+
+
+async def test_plain_aio_pika_example_publishes_a_valid_envelope(
+    declared: object, broker: Broker, exchange_name: str
+) -> None:
+    """The README's plain-AMQP example produces a persistent envelope the worker accepts."""
+    event_id = await plain_publish(AMQP_URL, exchange_name, "order.created", {"n": 1})
+    [message] = await broker.drain(endpoint_queue(exchange_name, "ep"))
+    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert parse_envelope(message.body, 10_000).id == event_id

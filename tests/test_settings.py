@@ -155,3 +155,15 @@ def test_secrets_never_appear_in_errors_or_reprs(tmp_path: Path) -> None:
     )
     assert SECRET_A not in output.stdout + output.stderr
     assert "guest:****@" in output.stdout
+
+
+def test_production_example_config_is_valid(tmp_path: Path) -> None:
+    """deploy/config.production.yaml loads once its secret variables are set."""
+    environ = {
+        "BILLING_WEBHOOK_SECRET": SECRET_A,
+        "BILLING_WEBHOOK_SECRET_PREVIOUS": SECRET_B,
+        "ANALYTICS_WEBHOOK_SECRET": SECRET_A,
+    }
+    settings = load_settings(REPO / "deploy" / "config.production.yaml", environ=environ)
+    assert settings.security.require_https
+    assert len(settings.endpoint("billing").signing_keys) == 2

@@ -185,6 +185,8 @@ class EndpointConsumer:
             log.info(OUTCOME_EVENTS[decision.action], **fields)
             return
         fields["detail"] = result.detail
+        if result.error is not None:
+            fields["error"] = result.error
         if decision.action is Action.RETRY:
             fields["next_delay_s"] = decision.delay_s
         else:

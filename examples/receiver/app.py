@@ -69,7 +69,9 @@ def build_app(
             event = verifier.verify(body, dict(request.headers))
         except WebhookVerificationError as exc:
             return web.Response(status=401, text=f"signature rejected: {exc}")
-        if not seen.add(request.headers["webhook-id"]):
+        # One seen-set per route: in this demo several endpoints share one server, and the
+        # same event legitimately reaches each of them with the same webhook-id.
+        if not seen.add(f"{request.path} {request.headers['webhook-id']}"):
             return web.Response(status=200, text="duplicate, already processed")
         work.put_nowait((request.path, event))
         return web.Response(status=204)
@@ -79,9 +81,8 @@ def build_app(
             while True:
                 path, event = await work.get()
                 if not quiet:
-                    line = {"received": path, "id": event["id"], "type": event["type"],
-                            "data": event["data"]}  # fmt: skip
-                    print(json.dumps(line), flush=True)
+                    print(f"signature verified  {path}  {event['type']}  {event['id']}  "
+                          f"data={json.dumps(event['data'])}", flush=True)  # fmt: skip
 
         task = asyncio.create_task(loop())
         yield
