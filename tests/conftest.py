@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import os
+import signal
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -201,20 +204,16 @@ async def broker() -> AsyncIterator[Broker]:
         await connection.close()
 
 
-RunWorker = Callable[[Settings], Awaitable[Worker]]
+class RunWorker:
+    """Starts real workers in the test's event loop: ``worker = await run_worker(settings)``."""
 
+    def __init__(self) -> None:
+        self.tasks: dict[Worker, asyncio.Task[None]] = {}
 
-@pytest.fixture
-async def run_worker(broker: Broker) -> AsyncIterator[RunWorker]:
-    """Start real workers in this event loop; they are stopped and their queues deleted."""
-    running: list[tuple[Worker, asyncio.Task[None]]] = []
-    settings_seen: list[Settings] = []
-
-    async def start(settings: Settings) -> Worker:
+    async def __call__(self, settings: Settings) -> Worker:
         worker = Worker(settings, Metrics())
         task = asyncio.create_task(worker.run())
-        running.append((worker, task))
-        settings_seen.append(settings)
+        self.tasks[worker] = task
         deadline = time.monotonic() + 20
         while not worker.is_ready():
             if task.done():
@@ -224,17 +223,27 @@ async def run_worker(broker: Broker) -> AsyncIterator[RunWorker]:
             await asyncio.sleep(0.02)
         return worker
 
+    async def stop(self, worker: Worker, timeout_s: float = 30) -> None:
+        """Request a stop as SIGTERM would, and wait until the worker has finished."""
+        worker.request_stop()
+        await asyncio.wait_for(self.tasks[worker], timeout=timeout_s)
+
+
+@pytest.fixture
+async def run_worker(broker: Broker) -> AsyncIterator[RunWorker]:
+    """Workers started through this are stopped, and their queues deleted, afterwards."""
+    workers = RunWorker()
     try:
-        yield start
+        yield workers
     finally:
-        for worker, _ in running:
+        for worker in workers.tasks:
             worker.request_stop()
-        for _, task in running:
+        for task in workers.tasks.values():
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(task, timeout=30)
-        for settings in settings_seen:
+        for worker in workers.tasks:
             with contextlib.suppress(Exception):
-                await broker.delete_all(settings)
+                await broker.delete_all(worker.settings)
 
 
 async def eventually(predicate: Callable[[], Awaitable[bool]], timeout_s: float = 15.0) -> None:
@@ -243,3 +252,53 @@ async def eventually(predicate: Callable[[], Awaitable[bool]], timeout_s: float 
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.05)
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class WorkerProcess:
+    """``python -m worker run`` as a real child process; killed on exit if still running."""
+
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self.process: asyncio.subprocess.Process | None = None
+        self.log_lines: list[str] = []
+
+    async def __aenter__(self) -> WorkerProcess:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "worker", "run", "--config", str(self.config), cwd=REPO,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self.process is not None
+        if self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+    async def wait_for_log(self, event: str, timeout_s: float = 20) -> dict[str, Any]:
+        """Read the log until ``event`` appears; returns that record."""
+        assert self.process is not None and self.process.stderr is not None
+        stderr = self.process.stderr
+
+        async def read() -> dict[str, Any]:
+            while line := (await stderr.readline()).decode():
+                self.log_lines.append(line)
+                if line.startswith("{") and json.loads(line).get("event") == event:
+                    return dict(json.loads(line))
+            raise AssertionError(f"worker ended before logging {event}")
+
+        return await asyncio.wait_for(read(), timeout=timeout_s)
+
+    async def stop(self, signum: int = signal.SIGTERM, timeout_s: float = 30) -> int:
+        """Send ``signum``, read the rest of the log, and return the exit code."""
+        assert self.process is not None and self.process.stderr is not None
+        self.process.send_signal(signum)
+        rest = await asyncio.wait_for(self.process.stderr.read(), timeout=timeout_s)
+        self.log_lines.extend(rest.decode().splitlines(keepends=True))
+        return await self.process.wait()
+
+    def events(self) -> list[str]:
+        return [json.loads(line)["event"] for line in self.log_lines if line.startswith("{")]

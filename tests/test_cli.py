@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,11 +12,17 @@ import aio_pika
 import pytest
 import yaml
 
-from tests.conftest import SECRET_A, Broker, Receiver, endpoint, make_document
+from tests.conftest import (
+    REPO,
+    SECRET_A,
+    Broker,
+    Receiver,
+    WorkerProcess,
+    endpoint,
+    make_document,
+)
 from worker.settings import settings_from_document
 from worker.topology import dead_letter_queue, declare_all, endpoint_queue
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 async def run(*args: str, timeout_s: float = 60) -> tuple[int, str, str]:
@@ -129,42 +134,17 @@ async def test_worker_run_drains_on_sigterm_and_exits_0(
 ) -> None:
     """SIGTERM stops consuming, lets in-flight deliveries finish, returns the rest, exits 0."""
     receiver.script("/slow", (200, {}, 1.0))
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        "run",
-        "--config",
-        str(config),
-        cwd=REPO,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        await wait_for_log(process, "worker_consuming")
+    events = write_events(config.parent, "slow.job", 12)
+    async with WorkerProcess(config) as worker:
+        await worker.wait_for_log("worker_consuming")
         code, _, _ = await run(
-            "-m",
-            "producer",
-            "publish",
-            "--config",
-            str(config),
-            "--file",
-            str(write_events(config.parent, "slow.job", 12)),
+            "-m", "producer", "publish", "--config", str(config), "--file", str(events)
         )
         assert code == 0
         await receiver.wait_for(lambda: len(receiver.requests) == 5)
-        process.send_signal(signal.SIGTERM)
-        _, stderr = await asyncio.wait_for(process.communicate(), timeout=20)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode == 0, stderr.decode()
-    events = [
-        json.loads(line)["event"] for line in stderr.decode().splitlines() if line.startswith("{")
-    ]
-    assert events.count("delivery_succeeded") == 5
-    assert events[-1] == "worker_stopped"
+        assert await worker.stop() == 0, "".join(worker.log_lines)
+    assert worker.events().count("delivery_succeeded") == 5
+    assert worker.events()[-1] == "worker_stopped"
     assert len(receiver.requests) == 5
     assert await broker.depth(endpoint_queue(exchange_name, "slow")) == 7
 
@@ -176,28 +156,10 @@ async def test_worker_waits_for_an_unreachable_broker(tmp_path: Path) -> None:
         [endpoint("e", "http://127.0.0.1/", ["#"])],
         broker={"url": "amqp://guest:guest@127.0.0.1:1/"},
     )
-    path = write_config(tmp_path, document)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        "run",
-        "--config",
-        str(path),
-        cwd=REPO,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        line = await wait_for_log(process, "broker_unreachable")
-        assert "guest:guest" not in line
-        process.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(process.wait(), timeout=10)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode == 0
+    async with WorkerProcess(write_config(tmp_path, document)) as worker:
+        record = await worker.wait_for_log("broker_unreachable")
+        assert "guest:guest" not in json.dumps(record)
+        assert await worker.stop(timeout_s=10) == 0
 
 
 async def test_dlq_commands(config: Path, broker: Broker, exchange_name: str) -> None:
@@ -240,20 +202,3 @@ def write_events(directory: Path, event_type: str, count: int) -> Path:
         "\n".join(json.dumps({"type": event_type, "data": {"i": i}}) for i in range(count))
     )
     return path
-
-
-async def wait_for_log(
-    process: asyncio.subprocess.Process, event: str, timeout_s: float = 20
-) -> str:
-    assert process.stderr is not None
-
-    async def read() -> str:
-        assert process.stderr is not None
-        while True:
-            line = (await process.stderr.readline()).decode()
-            if not line:
-                raise AssertionError(f"process ended before logging {event}")
-            if f'"event": "{event}"' in line:
-                return line
-
-    return await asyncio.wait_for(read(), timeout=timeout_s)

@@ -95,7 +95,7 @@ async def test_unreachable_broker_at_start_is_retried_not_fatal() -> None:
 
 
 async def test_stop_drains_in_flight_and_returns_the_rest(
-    exchange_name: str, receiver: Receiver, broker: Broker
+    exchange_name: str, receiver: Receiver, broker: Broker, run_worker: RunWorker
 ) -> None:
     """On stop, started deliveries finish and are acked; unstarted ones stay queued."""
     settings = make_settings(
@@ -104,26 +104,23 @@ async def test_stop_drains_in_flight_and_returns_the_rest(
         worker={"shutdown_timeout_s": 10},
     )
     receiver.script("/slow", (200, {}, 1.0))
-    worker = Worker(settings, Metrics())
-    task = asyncio.create_task(worker.run())
-    try:
-        await eventually(lambda: _ready(worker))
-        async with Publisher(AMQP_URL, exchange_name) as publisher:
-            for index in range(10):
-                await publisher.publish("d.x", {"i": index})
-        await receiver.wait_for(lambda: len(receiver.requests) == 3)
-        worker.request_stop()
-        assert not worker.is_ready()
-        await asyncio.wait_for(task, timeout=10)
-        assert len(receiver.requests) == 3  # nothing new started after the stop
-        assert await broker.depth(endpoint_queue(exchange_name, "slow")) == 7
-    finally:
-        worker.request_stop()
-        await broker.delete_all(settings)
+    worker = await run_worker(settings)
+    async with Publisher(AMQP_URL, exchange_name) as publisher:
+        for index in range(10):
+            await publisher.publish("d.x", {"i": index})
+    await receiver.wait_for(lambda: len(receiver.requests) == 3)
+    stopping = asyncio.create_task(run_worker.stop(worker, timeout_s=10))
+    await asyncio.sleep(0)
+    assert not worker.is_ready()
+    await stopping
+    assert len(receiver.requests) == 3  # nothing new started after the stop
+    assert await broker.depth(endpoint_queue(exchange_name, "slow")) == 7
+    delivered = worker.metrics.deliveries.labels(endpoint="slow", outcome="delivered")
+    assert delivered._value.get() == 3
 
 
 async def test_stop_is_bounded_by_shutdown_timeout(
-    exchange_name: str, receiver: Receiver, broker: Broker
+    exchange_name: str, receiver: Receiver, broker: Broker, run_worker: RunWorker
 ) -> None:
     """A delivery that outlives shutdown_timeout_s is abandoned unacked and redelivered later."""
     settings = make_settings(
@@ -132,21 +129,11 @@ async def test_stop_is_bounded_by_shutdown_timeout(
         worker={"shutdown_timeout_s": 0.5},
     )
     receiver.script("/hang", (200, {}, 60.0))
-    worker = Worker(settings, Metrics())
-    task = asyncio.create_task(worker.run())
-    try:
-        await eventually(lambda: _ready(worker))
-        async with Publisher(AMQP_URL, exchange_name) as publisher:
-            await publisher.publish("h.x", {})
-        await receiver.wait_for(lambda: len(receiver.requests) == 1)
-        started = time.monotonic()
-        worker.request_stop()
-        await asyncio.wait_for(task, timeout=10)
-        assert time.monotonic() - started < 5
-        assert await broker.depth(endpoint_queue(exchange_name, "hang")) == 1
-    finally:
-        await broker.delete_all(settings)
-
-
-async def _ready(worker: Worker) -> bool:
-    return worker.is_ready()
+    worker = await run_worker(settings)
+    async with Publisher(AMQP_URL, exchange_name) as publisher:
+        await publisher.publish("h.x", {})
+    await receiver.wait_for(lambda: len(receiver.requests) == 1)
+    started = time.monotonic()
+    await run_worker.stop(worker, timeout_s=10)
+    assert time.monotonic() - started < 5
+    assert await broker.depth(endpoint_queue(exchange_name, "hang")) == 1

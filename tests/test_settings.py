@@ -11,10 +11,8 @@ import pytest
 import yaml
 
 from producer.exceptions import ConfigError
-from tests.conftest import SECRET_A, SECRET_B
+from tests.conftest import REPO, SECRET_A, SECRET_B
 from worker.settings import load_settings
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def write(tmp_path: Path, document: object, name: str = "config.yaml") -> Path:

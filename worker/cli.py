@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from worker import dlq
-from worker.exceptions import ConfigError, HooklineError, TopologyConflict
+from worker.exceptions import ConfigError, HooklineError, ListenError, TopologyConflict
 from worker.logs import configure_logging
 from worker.retry import delay_tiers
 from worker.service import Worker
@@ -86,7 +86,7 @@ async def run_worker(settings: Settings) -> int:
         loop.add_signal_handler(signum, worker.request_stop)
     try:
         await worker.run()
-    except TopologyConflict as exc:
+    except (TopologyConflict, ListenError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     return 0

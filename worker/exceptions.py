@@ -16,6 +16,7 @@ __all__ = [
     "ConfigError",
     "HooklineError",
     "InvalidEnvelope",
+    "ListenError",
     "NotConfirmed",
     "PublishError",
     "TopologyConflict",
@@ -25,6 +26,10 @@ __all__ = [
 
 class BlockedDestination(HooklineError):
     """The endpoint's address is refused by the ``security`` settings (SSRF guard)."""
+
+
+class ListenError(HooklineError):
+    """The metrics and health server cannot listen on its configured address."""
 
 
 class TopologyConflict(HooklineError):

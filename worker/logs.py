@@ -12,9 +12,18 @@ from worker.settings import WorkerSection
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
           "error": logging.ERROR}  # fmt: skip
-# The AMQP libraries log every reconnect attempt with a traceback; the worker logs
-# connection changes itself, so only their errors are let through.
+# The AMQP libraries log every reconnect attempt; the worker logs connection changes
+# itself, so only their errors are let through (as warnings, see below).
 QUIET_LIBRARIES = ("aio_pika", "aiormq")
+
+
+def _expected_library_noise(record: logging.LogRecord) -> bool:
+    """AMQP libraries log a broker restart as errors with tracebacks; for a worker that
+    reconnects by itself it is an expected event, so keep the line as a warning only."""
+    if record.name.split(".")[0] in QUIET_LIBRARIES:
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info = record.exc_text = None
+    return True
 
 
 def configure_logging(section: WorkerSection, stream: TextIO | None = None) -> None:
@@ -40,6 +49,7 @@ def configure_logging(section: WorkerSection, stream: TextIO | None = None) -> N
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(stream)
+    handler.addFilter(_expected_library_noise)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[

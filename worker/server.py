@@ -7,6 +7,7 @@ from collections.abc import Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from worker.exceptions import ListenError
 from worker.metrics import Metrics
 
 
@@ -27,7 +28,13 @@ class HealthServer:
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await self.stop()
+            raise ListenError(
+                f"metrics server cannot listen on {self._host}:{self._port}: {exc.strerror}"
+            ) from None
         address = self._runner.addresses[0]
         self.port = int(address[1])
 
