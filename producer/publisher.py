@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -18,9 +20,12 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnec
 
 from producer.envelope import build_body
 from producer.exceptions import NotConfirmed, Unroutable
+from producer.exchange import MANDATORY_HEADER, declare_exchange
 from producer.settings import BrokerSettings, mask_url
 
 CONTENT_TYPE = "application/json"
+RETRY_FIRST_PAUSE_S = 0.2
+RETRY_MAX_PAUSE_S = 2.0
 
 
 def persistent_message(
@@ -65,6 +70,16 @@ async def publish_confirmed(
         raise NotConfirmed(f"connection lost while publishing to {routing_key!r}") from exc
 
 
+@dataclass(slots=True)
+class PublisherStats:
+    """What a Publisher has done so far; every event ends in exactly one of the first three."""
+
+    published: int = 0
+    unroutable: int = 0
+    not_confirmed: int = 0
+    retries: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class EventSpec:
     """One event to publish: what ``Publisher.publish_many`` takes."""
@@ -78,9 +93,11 @@ class EventSpec:
 class Publisher:
     """Publishes events onto the Hookline exchange; every successful call was confirmed.
 
-    ``publish`` raises :class:`Unroutable` when no endpoint subscribes to the event type
-    and :class:`NotConfirmed` when the broker did not confirm it; it never reports an
-    unconfirmed event as sent. Use it as ``async with Publisher(url) as publisher``.
+    ``publish`` raises :class:`Unroutable` when no endpoint subscribes to the event type, and
+    :class:`NotConfirmed` when the broker did not confirm it within ``retry_for_s`` (a
+    connection lost meanwhile is waited for and the publish repeated, so a broker restart
+    costs latency, not events). It never reports an unconfirmed event as sent. Use it as
+    ``async with Publisher(url) as publisher``.
     """
 
     def __init__(
@@ -89,12 +106,15 @@ class Publisher:
         exchange: str = "webhooks",
         *,
         confirm_timeout_s: float = 10.0,
+        retry_for_s: float = 30.0,
         max_in_flight: int = 100,
     ) -> None:
         self._url = url
         self._exchange_name = exchange
         self._confirm_timeout_s = confirm_timeout_s
+        self._retry_for_s = retry_for_s
         self._max_in_flight = max_in_flight
+        self.stats = PublisherStats()
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
@@ -105,6 +125,7 @@ class Publisher:
             broker.connection_url(),
             broker.exchange,
             confirm_timeout_s=broker.publish_timeout_s,
+            retry_for_s=broker.publish_retry_for_s,
         )
 
     def __repr__(self) -> str:
@@ -116,9 +137,7 @@ class Publisher:
             publisher_confirms=True, on_return_raises=True
         )
         # Declaring is idempotent and lets services publish before any worker has run.
-        self._exchange = await self._channel.declare_exchange(
-            self._exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
-        )
+        self._exchange = await declare_exchange(self._channel, self._exchange_name)
 
     async def close(self) -> None:
         if self._connection is not None:
@@ -152,10 +171,35 @@ class Publisher:
 
     async def publish_body(self, event_type: str, body: bytes, *, event_id: str) -> None:
         """Publish an already serialised envelope (routing key = its type)."""
-        if self._exchange is None:
+        if self._exchange is None or self._connection is None:
             raise RuntimeError("Publisher is not connected; use 'async with Publisher(...)'")
-        message = persistent_message(body, message_id=event_id)
-        await publish_confirmed(self._exchange, message, event_type, self._confirm_timeout_s)
+        message = persistent_message(body, message_id=event_id, headers={MANDATORY_HEADER: "1"})
+        deadline = time.monotonic() + self._retry_for_s
+        pause_s = RETRY_FIRST_PAUSE_S
+        while True:
+            try:
+                await publish_confirmed(
+                    self._exchange, message, event_type, self._confirm_timeout_s
+                )
+            except Unroutable:
+                self.stats.unroutable += 1
+                raise
+            except NotConfirmed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self.stats.not_confirmed += 1
+                    raise
+                # A repeat may duplicate an event whose confirm was lost; at-least-once.
+                self.stats.retries += 1
+                await asyncio.sleep(min(pause_s, remaining))
+                pause_s = min(pause_s * 2, RETRY_MAX_PAUSE_S)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._connection.connected.wait(), max(0.0, deadline - time.monotonic())
+                    )
+                continue
+            self.stats.published += 1
+            return
 
     async def publish_many(self, events: Iterable[EventSpec]) -> list[str]:
         """Publish with many confirms in flight; ids come back in input order.

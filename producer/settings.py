@@ -31,6 +31,8 @@ class BrokerSettings(Model):
     url: SecretStr
     exchange: str = "webhooks"
     publish_timeout_s: float = Field(default=10.0, gt=0)
+    publish_retry_for_s: float = Field(default=30.0, ge=0)
+    unrouted_max_messages: int = Field(default=10_000, ge=1)
     heartbeat_s: int = Field(default=30, ge=0)
     connect_retry_max_s: float = Field(default=30.0, gt=0)
     queue_type: Literal["quorum", "classic"] = "quorum"

@@ -24,10 +24,11 @@ import aio_pika
 import pytest
 from aiohttp import web
 
+from producer.exchange import declare_exchange
 from worker.metrics import Metrics
 from worker.service import Worker
 from worker.settings import Settings, settings_from_document
-from worker.topology import queue_names
+from worker.topology import exchange_names, queue_names
 
 AMQP_URL = os.environ.get("HOOKLINE_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
 SECRET_A = "whsec_" + base64.b64encode(b"a" * 32).decode()
@@ -157,9 +158,7 @@ class Broker:
     ) -> None:
         channel = await self.connection.channel(on_return_raises=True)
         try:
-            target = await channel.declare_exchange(
-                exchange, aio_pika.ExchangeType.TOPIC, durable=True
-            )
+            target = await declare_exchange(channel, exchange)
             properties.setdefault("delivery_mode", aio_pika.DeliveryMode.PERSISTENT)
             await target.publish(aio_pika.Message(body, **properties), routing_key, timeout=5)
         finally:
@@ -190,7 +189,8 @@ class Broker:
         try:
             for name in queue_names(settings):
                 await channel.queue_delete(name, if_unused=False, if_empty=False)
-            await channel.exchange_delete(settings.broker.exchange)
+            for name in exchange_names(settings.broker.exchange):
+                await channel.exchange_delete(name)
         finally:
             await channel.close()
 

@@ -10,7 +10,7 @@ import pytest
 from examples.publish.plain_aio_pika import publish as plain_publish
 from producer import EventSpec, NotConfirmed, Publisher, Unroutable, parse_envelope
 from tests.conftest import AMQP_URL, Broker, endpoint, make_settings
-from worker.topology import declare_all, endpoint_queue
+from worker.topology import declare_all, endpoint_queue, unrouted_queue
 
 
 @pytest.fixture
@@ -39,11 +39,15 @@ async def test_publish_lands_persistent_and_well_formed(
     assert document["type"] == "order.created" and document["data"] == {"total": 10}
 
 
-async def test_unsubscribed_type_is_reported_not_lost(declared: object, exchange_name: str) -> None:
-    """An event no endpoint subscribes to raises Unroutable instead of vanishing."""
+async def test_unsubscribed_type_is_reported_not_lost(
+    declared: object, broker: Broker, exchange_name: str
+) -> None:
+    """An SDK event no endpoint subscribes to raises Unroutable, is counted, and is not kept."""
     async with Publisher(AMQP_URL, exchange_name) as publisher:
         with pytest.raises(Unroutable, match=r"user\.created"):
             await publisher.publish("user.created", {})
+        assert publisher.stats.unroutable == 1
+    assert await broker.depth(unrouted_queue(exchange_name)) == 0
 
 
 async def test_publish_many_confirms_all_in_order(
@@ -59,13 +63,15 @@ async def test_publish_many_confirms_all_in_order(
 
 async def test_closed_publisher_raises_not_confirmed(declared: object, exchange_name: str) -> None:
     """A publish on a lost connection raises NotConfirmed; nothing is reported as sent."""
-    publisher = Publisher(AMQP_URL, exchange_name, confirm_timeout_s=2)
+    publisher = Publisher(AMQP_URL, exchange_name, confirm_timeout_s=2, retry_for_s=0.5)
     await publisher.connect()
     channel = publisher._channel
     assert channel is not None
     await channel.close()
     with pytest.raises(NotConfirmed):
         await publisher.publish("order.created", {})
+    assert (publisher.stats.not_confirmed, publisher.stats.published) == (1, 0)
+    assert publisher.stats.retries >= 1
     await publisher.close()
 
 

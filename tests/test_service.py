@@ -41,6 +41,7 @@ async def test_health_ready_and_metrics(
             endpoint("bad", receiver.url("/bad"), ["m.*"]),
         ],
         retry={"delays_s": [0.1]},
+        metrics={"queue_poll_s": 0.2},
     )
     receiver.script("/bad", 500)
     worker = await run_worker(settings)
@@ -64,6 +65,10 @@ async def test_health_ready_and_metrics(
         'webhook_in_flight{endpoint="ok"} 0.0',
         "webhook_broker_connected 1.0",
         "webhook_worker_ready 1.0",
+        "webhook_dead_letter_messages 1.0",
+        "webhook_unrouted_messages 0.0",
+        'webhook_backlog_messages{endpoint="ok"} 0.0',
+        'webhook_retry_waiting_messages{endpoint="bad"} 0.0',
     ]
     for line in expected:
         assert line in text, line

@@ -14,6 +14,7 @@ from worker.topology import (
     delay_queue,
     endpoint_queue,
     queue_names,
+    unrouted_queue,
 )
 
 
@@ -29,6 +30,7 @@ def test_names_follow_the_contract() -> None:
     )
     assert queue_names(settings) == [
         "wh.dead-letter",
+        "wh.unrouted",
         "wh.endpoint.a",
         "wh.endpoint.a.delay.1s",
         "wh.endpoint.a.delay.2s",
@@ -96,3 +98,25 @@ async def test_conflicting_queue_type_is_a_clear_error(broker: Broker, exchange_
             await declare_all(channel, quorum)
     finally:
         await broker.delete_all(classic)
+
+
+async def test_unrouted_events_from_other_clients_are_kept_bounded(
+    broker: Broker, exchange_name: str
+) -> None:
+    """Events matching no endpoint, sent without the SDK, are kept in the bounded unrouted queue."""
+    settings = make_settings(
+        exchange_name,
+        [endpoint("a", "http://127.0.0.1/", ["x.*"])],
+        broker={"unrouted_max_messages": 3},
+    )
+    try:
+        channel = await broker.connection.channel()
+        await declare_all(channel, settings)
+        await channel.close()
+        for index in range(5):
+            await broker.publish(exchange_name, "nobody.listens", b'{"n": %d}' % index)
+        messages = await broker.drain(unrouted_queue(exchange_name))
+        assert [m.body for m in messages] == [b'{"n": 2}', b'{"n": 3}', b'{"n": 4}']
+        assert messages[0].routing_key == "nobody.listens"
+    finally:
+        await broker.delete_all(settings)

@@ -73,6 +73,28 @@ class Metrics:
             "1 while the worker is connected and consuming.",
             registry=r,
         )
+        self.backlog = Gauge(
+            "webhook_backlog_messages",
+            "Messages ready in an endpoint's queue (polled from the broker).",
+            ["endpoint"],
+            registry=r,
+        )
+        self.retry_waiting = Gauge(
+            "webhook_retry_waiting_messages",
+            "Messages waiting in an endpoint's delay queues (polled from the broker).",
+            ["endpoint"],
+            registry=r,
+        )
+        self.dead_letter_depth = Gauge(
+            "webhook_dead_letter_messages",
+            "Messages in the dead-letter queue (polled from the broker).",
+            registry=r,
+        )
+        self.unrouted_depth = Gauge(
+            "webhook_unrouted_messages",
+            "Events that matched no endpoint, kept in the bounded unrouted queue (polled).",
+            registry=r,
+        )
         self.info = Gauge(
             "webhook_worker_info",
             "Constant 1, labelled with the Hookline version.",

@@ -13,11 +13,12 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from worker.consumer import EndpointConsumer
 from worker.delivery import EndpointClient
+from worker.depths import poll_depths
 from worker.metrics import Metrics
 from worker.recorder import Recorder
 from worker.server import HealthServer
 from worker.settings import Settings
-from worker.topology import declare_dead_letter_queue
+from worker.topology import declare_dead_letter_queue, declare_unrouted_queue
 
 CONNECT_RETRY_FIRST_S = 0.5
 
@@ -45,6 +46,7 @@ class Worker:
         self._clients: list[EndpointClient] = []
         self._consumers: list[EndpointConsumer] = []
         self._started = False
+        self._background: set[asyncio.Task[None]] = set()
         for endpoint in settings.endpoints:
             self.metrics.register_endpoint(endpoint.name)
 
@@ -130,6 +132,7 @@ class Worker:
         )
         self._channels.append(publish_channel)
         await declare_dead_letter_queue(publish_channel, self.settings)
+        await declare_unrouted_queue(publish_channel, self.settings)
         recorder = Recorder(
             self.settings.broker.exchange,
             publish_channel.default_exchange,
@@ -151,9 +154,18 @@ class Worker:
             self._consumers.append(consumer)
             await consumer.start()
         self.metrics.broker_connected.set(1)
+        self._background.add(
+            asyncio.create_task(
+                poll_depths(self._publish_connection, self.settings, self.metrics),
+                name="poll-queue-depths",
+            )
+        )
 
     async def _shutdown(self) -> None:
         self.metrics.ready.set(0)
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         for consumer in self._consumers:
             await consumer.stop_consuming()
         in_flight = set().union(*(consumer.in_flight_tasks for consumer in self._consumers))

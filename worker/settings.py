@@ -60,6 +60,7 @@ class WorkerSection(Model):
 class MetricsSettings(Model):
     host: str = "0.0.0.0"  # noqa: S104 - metrics are meant to be scraped from outside the pod
     port: int = Field(default=9100, ge=0, le=65535)
+    queue_poll_s: PositiveSeconds = 15.0
 
 
 class DeliverySettings(Model):

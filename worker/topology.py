@@ -7,6 +7,8 @@
   a message waits out the queue's TTL, then dead-letters back to the endpoint's queue
   through the default exchange. No consumer ever reads them.
 - ``<exchange>.dead-letter``: where deliveries end when they cannot succeed.
+- ``<exchange>.unrouted``: a bounded queue of events that matched no endpoint and were not
+  published through the SDK (which gets them returned instead); see ``producer.exchange``.
 
 Work queues have no dead-letter exchange on purpose: RabbitMQ silently drops messages
 that dead-letter around a loop with no rejection in it, so retries are republished by the
@@ -18,10 +20,15 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractQueue
 
+from producer.exchange import (
+    capture_exchange,
+    declare_exchange,
+    returned_exchange,
+    unrouted_exchange,
+)
 from worker.exceptions import TopologyConflict
 from worker.retry import delay_tiers
 from worker.settings import EndpointSettings, Settings
@@ -50,10 +57,20 @@ def dead_letter_queue(exchange: str) -> str:
     return f"{exchange}.dead-letter"
 
 
+def unrouted_queue(exchange: str) -> str:
+    return f"{exchange}.unrouted"
+
+
+def exchange_names(exchange: str) -> list[str]:
+    """Every exchange Hookline declares for ``exchange`` (for clean-up)."""
+    return [exchange, unrouted_exchange(exchange), returned_exchange(exchange),
+            capture_exchange(exchange)]  # fmt: skip
+
+
 def queue_names(settings: Settings) -> list[str]:
     """Every queue the worker declares for ``settings`` (for tools and for clean-up)."""
     exchange = settings.broker.exchange
-    names = [dead_letter_queue(exchange)]
+    names = [dead_letter_queue(exchange), unrouted_queue(exchange)]
     for endpoint in settings.endpoints:
         names.append(endpoint_queue(exchange, endpoint.name))
         names.extend(
@@ -76,12 +93,25 @@ async def _translating_conflicts(coro: Awaitable[T]) -> T:
         ) from None
 
 
-async def declare_exchange(channel: AbstractChannel, settings: Settings) -> AbstractExchange:
-    return await _translating_conflicts(
-        channel.declare_exchange(
-            settings.broker.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+async def declare_unrouted_queue(channel: AbstractChannel, settings: Settings) -> AbstractQueue:
+    """The bounded queue that keeps the newest events no endpoint subscribed to."""
+    exchange = settings.broker.exchange
+
+    async def declare() -> AbstractQueue:
+        await declare_exchange(channel, exchange)
+        queue = await channel.declare_queue(
+            unrouted_queue(exchange),
+            durable=True,
+            arguments={
+                **_type_arguments(settings),
+                "x-max-length": settings.broker.unrouted_max_messages,
+                "x-overflow": "drop-head",
+            },
         )
-    )
+        await queue.bind(capture_exchange(exchange))
+        return queue
+
+    return await _translating_conflicts(declare())
 
 
 async def declare_dead_letter_queue(channel: AbstractChannel, settings: Settings) -> AbstractQueue:
@@ -104,9 +134,7 @@ async def declare_endpoint(
 async def _declare_endpoint(
     channel: AbstractChannel, settings: Settings, endpoint: EndpointSettings
 ) -> AbstractQueue:
-    exchange = await channel.declare_exchange(
-        settings.broker.exchange, aio_pika.ExchangeType.TOPIC, durable=True
-    )
+    exchange = await declare_exchange(channel, settings.broker.exchange)
     work_queue = endpoint_queue(settings.broker.exchange, endpoint.name)
     queue = await channel.declare_queue(
         work_queue, durable=True, arguments=_type_arguments(settings)
@@ -134,7 +162,7 @@ async def _declare_endpoint(
 
 async def declare_all(channel: AbstractChannel, settings: Settings) -> None:
     """Everything the worker needs, for tools that run without a worker."""
-    await declare_exchange(channel, settings)
     await declare_dead_letter_queue(channel, settings)
+    await declare_unrouted_queue(channel, settings)
     for endpoint in settings.endpoints:
         await declare_endpoint(channel, settings, endpoint)

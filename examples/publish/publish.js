@@ -8,7 +8,8 @@ async function main() {
   const connection = await amqp.connect(url);
   // A confirm channel: the callback fires once the broker has taken the message.
   const channel = await connection.createConfirmChannel();
-  await channel.assertExchange(exchange, "topic", { durable: true });
+  // checkExchange, not assertExchange: the worker declares it with an alternate exchange.
+  await channel.checkExchange(exchange);
   channel.on("return", (message) => {
     console.error(`unroutable: no endpoint subscribes to ${message.fields.routingKey}`);
     process.exitCode = 1;
@@ -21,7 +22,10 @@ async function main() {
   };
   channel.publish(exchange, event.type, Buffer.from(JSON.stringify(event)), {
     persistent: true,
+    // With this header an event no endpoint subscribes to comes back ("return" above);
+    // without it, it is kept in the bounded queue <exchange>.unrouted instead.
     mandatory: true,
+    headers: { "hookline-mandatory": "1" },
     contentType: "application/json",
     messageId: event.id,
   });
