@@ -16,6 +16,8 @@ from typing import Any
 from producer.exceptions import InvalidEnvelope
 
 MAX_ID_LENGTH = 255
+# The id travels as the webhook-id HTTP header, so it is limited to printable ASCII.
+EVENT_ID_RE = re.compile(r"^[\x20-\x7e]{1,255}$")
 # Dot-separated words; a word never contains the AMQP topic wildcards.
 EVENT_TYPE_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 MAX_TYPE_LENGTH = 255
@@ -59,8 +61,10 @@ def parse_envelope(body: bytes, max_body_bytes: int) -> Envelope:
 
 
 def _check_id(value: object) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= MAX_ID_LENGTH:
-        raise InvalidEnvelope(f"id must be a string of 1 to {MAX_ID_LENGTH} characters")
+    if not isinstance(value, str) or not EVENT_ID_RE.fullmatch(value):
+        raise InvalidEnvelope(
+            f"id must be a string of 1 to {MAX_ID_LENGTH} printable ASCII characters"
+        )
     return value
 
 

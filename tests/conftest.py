@@ -22,9 +22,12 @@ from typing import Any
 
 import aio_pika
 import pytest
+import yaml
 from aiohttp import web
 
+from producer import EventSpec, Publisher
 from producer.exchange import declare_exchange
+from tests.faults import BrokerControl, TcpProxy
 from worker.metrics import Metrics
 from worker.service import Worker
 from worker.settings import Settings, settings_from_document
@@ -41,6 +44,7 @@ class Received:
     headers: dict[str, str]
     body: bytes
     at: float
+    status: int = 200
 
 
 @dataclass
@@ -51,6 +55,8 @@ class Receiver:
     requests: list[Received] = field(default_factory=list)
     # path -> list of (status, headers, delay_s); the last entry repeats.
     scripts: dict[str, list[tuple[int, dict[str, str], float]]] = field(default_factory=dict)
+    # path -> f(webhook_id, earlier requests for that id) -> status; wins over scripts.
+    deciders: dict[str, Callable[[str, int], int]] = field(default_factory=dict)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
     def url(self, path: str) -> str:
@@ -74,6 +80,10 @@ class Receiver:
     def on(self, path: str) -> list[Received]:
         return [request for request in self.requests if request.path == path]
 
+    def delivered_ids(self, path: str) -> list[str]:
+        """webhook-ids answered 2xx on ``path``, one entry per successful request."""
+        return [r.headers["webhook-id"] for r in self.on(path) if r.status < 300]
+
     async def wait_for(self, predicate: Callable[[], bool], timeout_s: float = 15.0) -> None:
         deadline = time.monotonic() + timeout_s
         while not predicate():
@@ -87,11 +97,19 @@ class Receiver:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         path = request.path
-        index = len(self.on(path))
-        self.requests.append(Received(path, dict(request.headers), body, time.monotonic()))
+        webhook_id = request.headers.get("webhook-id", "")
+        decider = self.deciders.get(path)
+        headers: dict[str, str] = {}
+        delay_s = 0.0
+        if decider is not None:
+            earlier = sum(1 for r in self.on(path) if r.headers.get("webhook-id") == webhook_id)
+            status = decider(webhook_id, earlier)
+        else:
+            steps = self.scripts.get(path, [(200, {}, 0.0)])
+            status, headers, delay_s = steps[min(len(self.on(path)), len(steps) - 1)]
+        received = Received(path, dict(request.headers), body, time.monotonic(), status)
+        self.requests.append(received)
         self.arrived.set()
-        steps = self.scripts.get(path, [(200, {}, 0.0)])
-        status, headers, delay_s = steps[min(index, len(steps) - 1)]
         if delay_s:
             await asyncio.sleep(delay_s)
         return web.Response(status=status, headers=headers, text="answer from the test receiver")
@@ -184,6 +202,15 @@ class Broker:
         finally:
             await channel.close()
 
+    async def wait_depth(self, queue_name: str, expected: int, timeout_s: float = 5) -> None:
+        """Wait for a depth: messages a closed channel held return to a quorum queue
+        asynchronously, so a depth read right after a close can still be low."""
+        deadline = time.monotonic() + timeout_s
+        while (depth := await self.depth(queue_name)) != expected:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{queue_name} holds {depth} messages, not {expected}")
+            await asyncio.sleep(0.05)
+
     async def delete_all(self, settings: Settings) -> None:
         channel = await self.connection.channel()
         try:
@@ -258,47 +285,111 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 class WorkerProcess:
-    """``python -m worker run`` as a real child process; killed on exit if still running."""
+    """``python -m worker run`` as a real child process; killed on exit if still running.
+
+    Its log is read continuously (a full pipe would block the worker) into ``log_lines``.
+    """
 
     def __init__(self, config: Path) -> None:
         self.config = config
         self.process: asyncio.subprocess.Process | None = None
         self.log_lines: list[str] = []
+        self._new_line = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> WorkerProcess:
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "worker", "run", "--config", str(self.config), cwd=REPO,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
+        self._reader = asyncio.create_task(self._read_log())
         return self
 
     async def __aexit__(self, *_: object) -> None:
-        assert self.process is not None
+        assert self.process is not None and self._reader is not None
         if self.process.returncode is None:
             self.process.kill()
             await self.process.wait()
+        await asyncio.wait_for(self._reader, timeout=10)
+
+    async def _read_log(self) -> None:
+        assert self.process is not None and self.process.stderr is not None
+        while line := (await self.process.stderr.readline()).decode():
+            self.log_lines.append(line)
+            self._new_line.set()
+        self._new_line.set()
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
 
     async def wait_for_log(self, event: str, timeout_s: float = 20) -> dict[str, Any]:
-        """Read the log until ``event`` appears; returns that record."""
-        assert self.process is not None and self.process.stderr is not None
-        stderr = self.process.stderr
-
-        async def read() -> dict[str, Any]:
-            while line := (await stderr.readline()).decode():
-                self.log_lines.append(line)
+        """Wait until the worker logs ``event``; returns that record."""
+        deadline = time.monotonic() + timeout_s
+        seen = 0
+        while True:
+            for line in self.log_lines[seen:]:
                 if line.startswith("{") and json.loads(line).get("event") == event:
                     return dict(json.loads(line))
-            raise AssertionError(f"worker ended before logging {event}")
+            seen = len(self.log_lines)
+            assert self._reader is not None
+            if self._reader.done():
+                raise AssertionError(f"worker ended before logging {event}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"worker did not log {event} in {timeout_s}s")
+            self._new_line.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._new_line.wait(), timeout=remaining)
 
-        return await asyncio.wait_for(read(), timeout=timeout_s)
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
 
     async def stop(self, signum: int = signal.SIGTERM, timeout_s: float = 30) -> int:
-        """Send ``signum``, read the rest of the log, and return the exit code."""
-        assert self.process is not None and self.process.stderr is not None
+        """Send ``signum`` and return the exit code once the process has ended."""
+        assert self.process is not None and self._reader is not None
         self.process.send_signal(signum)
-        rest = await asyncio.wait_for(self.process.stderr.read(), timeout=timeout_s)
-        self.log_lines.extend(rest.decode().splitlines(keepends=True))
-        return await self.process.wait()
+        code = await asyncio.wait_for(self.process.wait(), timeout=timeout_s)
+        await asyncio.wait_for(self._reader, timeout=10)
+        return code
 
     def events(self) -> list[str]:
         return [json.loads(line)["event"] for line in self.log_lines if line.startswith("{")]
+
+
+@pytest.fixture
+async def broker_control() -> AsyncIterator[BrokerControl]:
+    """Fault injection on the real broker; RabbitMQ is running and unalarmed afterwards."""
+    control = BrokerControl()
+    await control.remember_limits()
+    try:
+        yield control
+    finally:
+        await control.restore()
+
+
+@pytest.fixture
+async def proxy() -> AsyncIterator[TcpProxy]:
+    tcp_proxy = TcpProxy()
+    await tcp_proxy.start()
+    try:
+        yield tcp_proxy
+    finally:
+        await tcp_proxy.close()
+
+
+def write_config(directory: Path, document: dict[str, Any]) -> Path:
+    """Write ``document`` as ``config.yaml`` for a worker process."""
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+async def publish_events(exchange: str, count: int, event_type: str, prefix: str) -> list[str]:
+    """Publish ``count`` events with ids ``<prefix>-<n>``, all confirmed."""
+    async with Publisher(AMQP_URL, exchange) as publisher:
+        return await publisher.publish_many(
+            EventSpec(event_type, {"n": n}, id=f"{prefix}-{n}") for n in range(count)
+        )

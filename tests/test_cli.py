@@ -6,7 +6,6 @@ import asyncio
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import aio_pika
 import pytest
@@ -20,6 +19,7 @@ from tests.conftest import (
     WorkerProcess,
     endpoint,
     make_document,
+    write_config,
 )
 from worker.settings import settings_from_document
 from worker.topology import dead_letter_queue, declare_all, endpoint_queue
@@ -36,12 +36,6 @@ async def run(*args: str, timeout_s: float = 60) -> tuple[int, str, str]:
     stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=timeout_s)
     assert process.returncode is not None
     return process.returncode, stdout.decode(), stderr.decode()
-
-
-def write_config(tmp_path: Path, document: dict[str, Any]) -> Path:
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(document))
-    return path
 
 
 @pytest.fixture
@@ -146,7 +140,7 @@ async def test_worker_run_drains_on_sigterm_and_exits_0(
     assert worker.events().count("delivery_succeeded") == 5
     assert worker.events()[-1] == "worker_stopped"
     assert len(receiver.requests) == 5
-    assert await broker.depth(endpoint_queue(exchange_name, "slow")) == 7
+    await broker.wait_depth(endpoint_queue(exchange_name, "slow"), 7)
 
 
 async def test_worker_waits_for_an_unreachable_broker(tmp_path: Path) -> None:

@@ -7,6 +7,9 @@ import itertools
 import json
 import time
 
+import hypothesis
+import pytest
+from hypothesis import strategies as st
 from standardwebhooks.webhooks import Webhook
 
 from producer import Publisher
@@ -21,6 +24,7 @@ from tests.conftest import (
     endpoint,
     eventually,
     make_settings,
+    publish_events,
 )
 from worker.topology import dead_letter_queue, endpoint_queue
 
@@ -343,3 +347,126 @@ async def test_messages_wait_in_endpoint_queue_until_a_worker_starts(
 
 async def _is_stopped(worker: object) -> bool:
     return not worker.is_ready()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("outage", ["longer_than_schedule", "recovers_mid_schedule", "flapping"])
+async def test_endpoint_outages(
+    outage: str, exchange_name: str, receiver: Receiver, run_worker: RunWorker, broker: Broker
+) -> None:
+    """An endpoint down past every retry ends with each event dead-lettered once; one that
+    recovers, or flaps, gets every event delivered exactly once."""
+    settings = make_settings(
+        exchange_name,
+        [endpoint("ep", receiver.url("/ep"), ["out.*"])],
+        retry={"delays_s": [0.3, 0.6, 1.2]},
+    )
+    started = time.monotonic()
+    flips = itertools.count()
+    deciders = {
+        "longer_than_schedule": lambda _id, _n: 503,
+        "recovers_mid_schedule": lambda _id, _n: 503 if time.monotonic() - started < 1.0 else 200,
+        # Up and down on alternate requests; no event is unlucky more than twice running.
+        "flapping": lambda _id, n: 500 if next(flips) % 2 == 0 and n < 2 else 204,
+    }
+    receiver.deciders["/ep"] = deciders[outage]
+    await run_worker(settings)
+    ids = await publish_events(exchange_name, 200, "out.tick", outage)
+    queue = dead_letter_queue(exchange_name)
+    if outage == "longer_than_schedule":
+        await eventually(lambda: _has_messages(broker, queue, 200), timeout_s=30)
+        await asyncio.sleep(0.5)
+        letters = await broker.drain(queue)
+        dead = [json.loads(m.body)["id"] for m in letters]
+        assert sorted(dead) == sorted(ids)
+        assert {m.headers["hookline-attempts"] for m in letters} == {4}
+        delivered: list[str] = []
+    else:
+        await receiver.wait_for(lambda: set(receiver.delivered_ids("/ep")) >= set(ids))
+        await asyncio.sleep(0.5)
+        delivered = receiver.delivered_ids("/ep")
+        dead = []
+        assert sorted(delivered) == sorted(ids)  # each exactly once
+        assert await broker.depth(queue) == 0
+    lost = set(ids) - set(delivered) - set(dead)
+    print(
+        f"\nRELIABILITY endpoint {outage}: published={len(ids)}, "
+        f"delivered={len(set(delivered))}, duplicated={len(delivered) - len(set(delivered))}, "
+        f"dead_lettered={len(dead)}, lost={len(lost)}, attempts={len(receiver.requests)}"
+    )
+
+
+header_values = st.one_of(
+    st.text(max_size=40),
+    st.integers(min_value=-(2**31), max_value=2**31 - 1),
+    st.booleans(),
+    st.none(),
+    st.floats(allow_nan=False, allow_infinity=False, width=32),
+)
+hostile_bodies = st.one_of(
+    st.binary(max_size=300),
+    st.text(max_size=300).map(str.encode),
+    st.integers(min_value=1, max_value=30_000).map(lambda depth: b"[" * depth + b"]" * depth),
+    st.integers(min_value=60_000, max_value=90_000).map(lambda size: b'"' + b"x" * size + b'"'),
+    st.builds(
+        lambda event_id, data: build_body("poison.ok", data, event_id=event_id)[1],
+        st.text(
+            alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=40
+        ),
+        st.dictionaries(st.text(max_size=10), st.text(max_size=2000), max_size=5),
+    ),
+)
+hostile_properties = st.fixed_dictionaries(
+    {},
+    optional={
+        "content_type": st.text(max_size=30),
+        "message_id": st.text(max_size=60),
+        "correlation_id": st.text(max_size=60),
+        "type": st.text(max_size=30),
+        "delivery_mode": st.sampled_from([1, 2]),
+        "headers": st.dictionaries(
+            st.one_of(st.text(min_size=1, max_size=30), st.just("hookline-attempts")),
+            header_values,
+            max_size=6,
+        ),
+    },
+)
+
+
+async def test_hostile_messages_never_crash_or_wedge_the_worker(
+    exchange_name: str, receiver: Receiver, run_worker: RunWorker, broker: Broker
+) -> None:
+    """Generated bodies, headers and properties each end delivered or dead-lettered with a
+    reason, and the worker stays ready and keeps delivering."""
+    cases: list[tuple[bytes, dict[str, object]]] = []
+
+    @hypothesis.settings(max_examples=250, database=None, deadline=None)
+    @hypothesis.given(hostile_bodies, hostile_properties)
+    def collect(body: bytes, properties: dict[str, object]) -> None:
+        cases.append((body, properties))
+
+    collect()
+    settings = make_settings(
+        exchange_name,
+        [endpoint("ep", receiver.url("/ep"), ["poison.#"])],
+        delivery={"max_body_bytes": 65_536},
+        retry={"delays_s": [0.1]},
+    )
+    worker = await run_worker(settings)
+    for body, properties in cases:
+        await broker.publish(exchange_name, "poison.x", body, **properties)  # type: ignore[arg-type]
+    queue = dead_letter_queue(exchange_name)
+
+    async def all_accounted() -> bool:
+        return len(receiver.requests) + await broker.depth(queue) == len(cases)
+
+    await eventually(all_accounted, timeout_s=60)
+    await asyncio.sleep(0.5)
+    letters = await broker.drain(queue)
+    assert len(receiver.requests) + len(letters) == len(cases)
+    assert {m.headers["hookline-reason"] for m in letters} <= {"invalid_envelope"}
+    assert worker.is_ready()
+    survivor = await publish(exchange_name, "poison.after", {"still": "alive"})
+    await receiver.wait_for(lambda: survivor in receiver.delivered_ids("/ep"))
+    delivered = len(receiver.requests) - 1
+    print(f"\nRELIABILITY hostile input: messages={len(cases)}, delivered={delivered}, "
+          f"dead_lettered={len(letters)}, lost=0")  # fmt: skip

@@ -64,7 +64,7 @@ async def test_list_shows_fields_and_filters_without_consuming(
     assert first.dead_lettered_at.startswith("20")
     assert len(await dlq.list_dead_letters(settings, endpoint="b")) == 2
     assert len(await dlq.list_dead_letters(settings, limit=2)) == 2
-    assert await broker.depth(dead_letter_queue(exchange_name)) == 5
+    await broker.wait_depth(dead_letter_queue(exchange_name), 5)
 
 
 async def test_replay_redelivers_with_fresh_attempts(
@@ -79,7 +79,7 @@ async def test_replay_redelivers_with_fresh_attempts(
     assert len(report.replayed) == 2
     await receiver.wait_for(lambda: len(receiver.on("/a")) == 5)
     await asyncio.sleep(0.3)
-    assert await broker.depth(dead_letter_queue(exchange_name)) == 3
+    await broker.wait_depth(dead_letter_queue(exchange_name), 3)
     remaining = await dlq.list_dead_letters(settings)
     assert sorted(letter.endpoint for letter in remaining) == ["a", "b", "b"]
 
@@ -95,7 +95,7 @@ async def test_replay_leaves_letters_of_unknown_endpoints(
     receiver.script("/a", 200)
     report = await dlq.replay(only_a)
     assert (len(report.replayed), report.skipped_unknown_endpoint) == (3, 2)
-    assert await broker.depth(dead_letter_queue(exchange_name)) == 2
+    await broker.wait_depth(dead_letter_queue(exchange_name), 2)
 
 
 async def test_purge_by_endpoint_and_all(
@@ -106,6 +106,6 @@ async def test_purge_by_endpoint_and_all(
     await run_worker(settings)
     await fill(settings, receiver, broker)
     assert await dlq.purge(settings, endpoint="b") == 2
-    assert await broker.depth(dead_letter_queue(exchange_name)) == 3
+    await broker.wait_depth(dead_letter_queue(exchange_name), 3)
     assert await dlq.purge(settings) == 3
-    assert await broker.depth(dead_letter_queue(exchange_name)) == 0
+    await broker.wait_depth(dead_letter_queue(exchange_name), 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import aio_pika
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from examples.publish.plain_aio_pika import publish as plain_publish
 from producer import EventSpec, NotConfirmed, Publisher, Unroutable, parse_envelope
 from tests.conftest import AMQP_URL, Broker, endpoint, make_settings
+from tests.faults import BrokerControl
 from worker.topology import declare_all, endpoint_queue, unrouted_queue
 
 
@@ -88,3 +90,28 @@ async def test_plain_aio_pika_example_publishes_a_valid_envelope(
     [message] = await broker.drain(endpoint_queue(exchange_name, "ep"))
     assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
     assert parse_envelope(message.body, 10_000).id == event_id
+
+
+async def test_broker_down_raises_within_the_bound_then_recovers(
+    declared: object, broker: Broker, exchange_name: str, broker_control: BrokerControl
+) -> None:
+    """While the broker is down, publish raises NotConfirmed after retry_for_s and reports
+    nothing as sent; once it is back, the same Publisher publishes again."""
+    async with Publisher(AMQP_URL, exchange_name, confirm_timeout_s=1, retry_for_s=2) as publisher:
+        await publisher.publish("order.created", {}, event_id="before")
+        await broker_control.stop_app()
+        try:
+            started = time.monotonic()
+            with pytest.raises(NotConfirmed):
+                await publisher.publish("order.created", {}, event_id="during")
+            waited = time.monotonic() - started
+        finally:
+            await broker_control.start_app()
+        assert 1.5 <= waited <= 10
+        assert (publisher.stats.published, publisher.stats.not_confirmed) == (1, 1)
+        publisher_after = Publisher(AMQP_URL, exchange_name, confirm_timeout_s=5, retry_for_s=60)
+        async with publisher_after:
+            await publisher_after.publish("order.created", {}, event_id="after")
+        await publisher.publish("order.created", {}, event_id="after-same-publisher")
+    messages = await broker.drain(endpoint_queue(exchange_name, "ep"))
+    assert sorted(m.message_id for m in messages) == ["after", "after-same-publisher", "before"]

@@ -108,7 +108,10 @@ class Worker:
     async def _connect(self, role: str) -> AbstractRobustConnection:
         connection = await aio_pika.connect_robust(
             self.settings.broker.connection_url(),
-            client_properties={"connection_name": f"hookline-worker-{role}"},
+            # Named so operators (and fault tests) can tell workers' connections apart.
+            client_properties={
+                "connection_name": f"hookline-worker {role} {self.settings.broker.exchange}"
+            },
         )
         connection.close_callbacks.add(self._on_connection_lost)
         connection.reconnect_callbacks.add(self._on_reconnected)

@@ -1,0 +1,83 @@
+"""Recording outcomes: header hygiene, and no ack without a confirmed copy under alarms."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from tests.conftest import (
+    Broker,
+    Receiver,
+    RunWorker,
+    endpoint,
+    eventually,
+    make_settings,
+    publish_events,
+)
+from tests.faults import BrokerControl
+from worker.recorder import attempts_made, carried_headers
+from worker.topology import dead_letter_queue, declare_all
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(None, 0), (3, 3), ("4", 4), (b"5", 5), ("junk", 0), (-2, 0), (10**12, 1_000_000), ([1], 0)],
+)
+def test_attempts_header_is_read_defensively(value: Any, expected: int) -> None:
+    """Any hookline-attempts value (missing, text, bytes, negative, huge) gives a sane count."""
+    assert attempts_made({} if value is None else {"hookline-attempts": value}) == expected
+
+
+def test_copies_drop_broker_and_state_headers() -> None:
+    """x- headers (x-death above all) and hookline- state never travel into a copy."""
+    headers = {"x-death": [{}], "X-First-Death-Queue": "q", "hookline-attempts": 2,
+               "hookline-reason": "r", "trace-id": "abc"}  # fmt: skip
+    assert carried_headers(headers) == {"trace-id": "abc"}
+
+
+@pytest.mark.parametrize("alarm", ["memory", "disk"])
+async def test_resource_alarm_never_acks_an_unconfirmed_retry(
+    alarm: str,
+    exchange_name: str,
+    receiver: Receiver,
+    run_worker: RunWorker,
+    broker: Broker,
+    broker_control: BrokerControl,
+) -> None:
+    """While an alarm blocks publishing, failed attempts cannot be recorded: the originals
+    stay unacked and are retried; once it clears, every event is delivered."""
+    settings = make_settings(
+        exchange_name,
+        [endpoint("ep", receiver.url("/ep"), ["alarm.*"], max_in_flight=10)],
+        broker={"publish_timeout_s": 1},
+        retry={"delays_s": [0.2]},
+    )
+    channel = await broker.connection.channel()
+    await declare_all(channel, settings)
+    await channel.close()
+    ids = await publish_events(exchange_name, 50, "alarm.tick", alarm)
+    endpoint_up = asyncio.Event()
+    receiver.deciders["/ep"] = lambda _id, _n: 200 if endpoint_up.is_set() else 503
+    alarmed = broker_control.memory_alarm() if alarm == "memory" else broker_control.disk_alarm()
+    async with alarmed:
+        worker = await run_worker(settings)
+        failures = worker.metrics.record_failures.labels(endpoint="ep")
+
+        async def unrecorded() -> bool:
+            return failures._value.get() >= 10
+
+        await eventually(unrecorded, timeout_s=30)
+        assert await broker.depth(dead_letter_queue(exchange_name)) == 0
+        attempts_during_alarm = len(receiver.requests)
+    endpoint_up.set()
+    await receiver.wait_for(lambda: set(receiver.delivered_ids("/ep")) >= set(ids), timeout_s=60)
+    delivered = receiver.delivered_ids("/ep")
+    print(
+        f"\nRELIABILITY {alarm} alarm: published={len(ids)}, "
+        f"unrecorded_outcomes={int(failures._value.get())}, "
+        f"attempts_during_alarm={attempts_during_alarm}, delivered={len(set(delivered))}, "
+        f"duplicated={len(delivered) - len(set(delivered))}, "
+        f"lost={len(set(ids) - set(delivered))}"
+    )
