@@ -393,3 +393,10 @@ async def publish_events(exchange: str, count: int, event_type: str, prefix: str
         return await publisher.publish_many(
             EventSpec(event_type, {"n": n}, id=f"{prefix}-{n}") for n in range(count)
         )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses ``broker_control`` so it can be deselected as a group."""
+    for item in items:
+        if "broker_control" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.broker_faults)
