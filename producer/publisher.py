@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -108,12 +109,16 @@ class Publisher:
         confirm_timeout_s: float = 10.0,
         retry_for_s: float = 30.0,
         max_in_flight: int = 100,
+        ssl_context: ssl.SSLContext | None = None,
+        reconnect_interval_s: float = 1.0,
     ) -> None:
         self._url = url
         self._exchange_name = exchange
         self._confirm_timeout_s = confirm_timeout_s
         self._retry_for_s = retry_for_s
         self._max_in_flight = max_in_flight
+        self._ssl_context = ssl_context
+        self._reconnect_interval_s = reconnect_interval_s
         self.stats = PublisherStats()
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
@@ -126,13 +131,20 @@ class Publisher:
             broker.exchange,
             confirm_timeout_s=broker.publish_timeout_s,
             retry_for_s=broker.publish_retry_for_s,
+            ssl_context=broker.ssl_context(),
+            reconnect_interval_s=broker.reconnect_interval_s,
         )
 
     def __repr__(self) -> str:
         return f"Publisher({mask_url(self._url)!r}, exchange={self._exchange_name!r})"
 
     async def connect(self) -> None:
-        self._connection = await aio_pika.connect_robust(self._url)
+        self._connection = await aio_pika.connect_robust(
+            self._url,
+            ssl_context=self._ssl_context,
+            client_properties={"connection_name": f"hookline-publisher {self._exchange_name}"},
+            reconnect_interval=self._reconnect_interval_s,
+        )
         self._channel = await self._connection.channel(
             publisher_confirms=True, on_return_raises=True
         )

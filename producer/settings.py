@@ -7,13 +7,23 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FilePath,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from producer.exceptions import ConfigError
 
@@ -27,6 +37,27 @@ class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class BrokerTLS(Model):
+    """Files for amqps://: a CA bundle for private CAs, and a client certificate if required."""
+
+    ca_file: FilePath | None = None
+    cert_file: FilePath | None = None
+    key_file: FilePath | None = None
+
+    @model_validator(mode="after")
+    def _check_pair(self) -> BrokerTLS:
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file needs cert_file")
+        return self
+
+    def context(self) -> ssl.SSLContext:
+        """Always verifies the broker's certificate and host name."""
+        context = ssl.create_default_context(cafile=self.ca_file)
+        if self.cert_file is not None:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+
 class BrokerSettings(Model):
     url: SecretStr
     exchange: str = "webhooks"
@@ -35,7 +66,9 @@ class BrokerSettings(Model):
     unrouted_max_messages: int = Field(default=10_000, ge=1)
     heartbeat_s: int = Field(default=30, ge=0)
     connect_retry_max_s: float = Field(default=30.0, gt=0)
+    reconnect_interval_s: float = Field(default=1.0, gt=0)
     queue_type: Literal["quorum", "classic"] = "quorum"
+    tls: BrokerTLS | None = None
 
     @field_validator("url")
     @classmethod
@@ -43,7 +76,21 @@ class BrokerSettings(Model):
         parts = urlsplit(value.get_secret_value())
         if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
             raise ValueError("must be an amqp:// or amqps:// URL with a host")
+        if "no_verify_ssl" in parts.query:
+            raise ValueError("must not turn off certificate checks (no_verify_ssl)")
         return value
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> BrokerSettings:
+        if self.tls is not None and not self.url.get_secret_value().startswith("amqps://"):
+            raise ValueError("broker.tls needs an amqps:// URL")
+        return self
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context for amqps:// (certificates always verified), else None."""
+        if not self.url.get_secret_value().startswith("amqps://"):
+            return None
+        return (self.tls or BrokerTLS()).context()
 
     @field_validator("exchange")
     @classmethod

@@ -169,12 +169,16 @@ class Broker:
 
     def __init__(self, connection: aio_pika.abc.AbstractRobustConnection) -> None:
         self.connection = connection
-        self.declared: set[tuple[str, str]] = set()
+
+    async def channel(self, on_return_raises: bool = False) -> aio_pika.abc.AbstractChannel:
+        """A channel once the connection is up (fault tests restart the broker under it)."""
+        await asyncio.wait_for(self.connection.connected.wait(), timeout=60)
+        return await self.connection.channel(on_return_raises=on_return_raises)
 
     async def publish(
         self, exchange: str, routing_key: str, body: bytes, **properties: Any
     ) -> None:
-        channel = await self.connection.channel(on_return_raises=True)
+        channel = await self.channel(on_return_raises=True)
         try:
             target = await declare_exchange(channel, exchange)
             properties.setdefault("delivery_mode", aio_pika.DeliveryMode.PERSISTENT)
@@ -184,7 +188,7 @@ class Broker:
 
     async def drain(self, queue_name: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
         """Take (and ack) every message now in ``queue_name``."""
-        channel = await self.connection.channel()
+        channel = await self.channel()
         try:
             queue = await channel.declare_queue(queue_name, passive=True)
             messages = []
@@ -195,7 +199,7 @@ class Broker:
             await channel.close()
 
     async def depth(self, queue_name: str) -> int:
-        channel = await self.connection.channel()
+        channel = await self.channel()
         try:
             queue = await channel.declare_queue(queue_name, passive=True)
             return int(queue.declaration_result.message_count or 0)
@@ -212,7 +216,7 @@ class Broker:
             await asyncio.sleep(0.05)
 
     async def delete_all(self, settings: Settings) -> None:
-        channel = await self.connection.channel()
+        channel = await self.channel()
         try:
             for name in queue_names(settings):
                 await channel.queue_delete(name, if_unused=False, if_empty=False)
@@ -224,7 +228,7 @@ class Broker:
 
 @pytest.fixture
 async def broker() -> AsyncIterator[Broker]:
-    connection = await aio_pika.connect_robust(AMQP_URL)
+    connection = await aio_pika.connect_robust(AMQP_URL, reconnect_interval=0.5)
     try:
         yield Broker(connection)
     finally:

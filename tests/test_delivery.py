@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import socket
 import ssl
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import trustme
 from aiohttp import web
+from aiohttp.abc import AbstractResolver, ResolveResult
 from standardwebhooks.webhooks import Webhook
 
 from tests.conftest import SECRET_A, Receiver, endpoint, make_settings
@@ -121,9 +124,12 @@ def test_retry_after_parsing() -> None:
 class serve:  # noqa: N801 - used as `async with serve(handler) as url`
     """A one-route aiohttp server on 127.0.0.1 for a single test."""
 
-    def __init__(self, handler: object, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, handler: object, ssl_context: ssl.SSLContext | None = None, host: str = "127.0.0.1"
+    ) -> None:
         self._handler = handler
         self._ssl = ssl_context
+        self._host = host
         self._runner: web.AppRunner | None = None
 
     async def __aenter__(self) -> str:
@@ -131,7 +137,7 @@ class serve:  # noqa: N801 - used as `async with serve(handler) as url`
         app.router.add_route("*", "/{tail:.*}", self._handler)  # type: ignore[arg-type]
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self._ssl)
+        site = web.TCPSite(self._runner, self._host, 0, ssl_context=self._ssl)
         await site.start()
         host, port = self._runner.addresses[0][:2]
         return f"{'https' if self._ssl else 'http'}://{host}:{port}/hook"
@@ -139,3 +145,131 @@ class serve:  # noqa: N801 - used as `async with serve(handler) as url`
     async def __aexit__(self, *_: object) -> None:
         assert self._runner is not None
         await self._runner.cleanup()
+
+
+class SequenceResolver(AbstractResolver):
+    """A DNS server that answers each lookup with the next list of addresses."""
+
+    def __init__(self, *answers: list[str]) -> None:
+        self.answers = list(answers)
+        self.lookups = 0
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        answer = self.answers[min(self.lookups, len(self.answers) - 1)]
+        self.lookups += 1
+        return [
+            ResolveResult(hostname=host, host=a, port=port, family=socket.AF_INET, proto=0, flags=0)
+            for a in answer
+        ]
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_dns_rebinding_is_refused_at_connect_time() -> None:
+    """A name that first resolves to an allowed address and then to a private one: the first
+    delivery reaches the allowed address only, the next is refused without any connection."""
+    hits: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        hits.append(request.transport.get_extra_info("sockname")[0])  # type: ignore[union-attr]
+        return web.Response()
+
+    async with serve(record, host="127.0.0.2") as allowed_url, serve(record) as _:
+        port = allowed_url.rsplit(":", 1)[1].split("/")[0]
+        settings = make_settings(
+            "unused",
+            [endpoint("rebind", f"http://rebind.example:{port}/hook", ["#"])],
+            security={"allow_private_networks": False, "allowed_networks": ["127.0.0.2/32"]},
+        )
+        dns = SequenceResolver(["127.0.0.1", "127.0.0.2"], ["127.0.0.1"])
+        first = EndpointClient(settings, settings.endpoints[0], resolver=dns)
+        second = EndpointClient(settings, settings.endpoints[0], resolver=dns)
+        try:
+            delivered = await first.attempt("evt-r1", b"{}")
+            refused = await second.attempt("evt-r2", b"{}")
+        finally:
+            await first.close()
+            await second.close()
+    assert delivered.status == 200
+    assert hits == ["127.0.0.2"]  # never the private address listed first
+    assert refused.error == "blocked_destination"
+    assert dns.lookups == 2
+
+
+async def test_deliveries_go_through_the_configured_proxy() -> None:
+    """With delivery.proxy_url every request goes to the proxy, in absolute form."""
+    seen: list[bytes] = []
+
+    async def fake_proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        seen.append(head)
+        writer.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(fake_proxy, "127.0.0.1", 0)
+    proxy_port = server.sockets[0].getsockname()[1]
+    settings = make_settings(
+        "unused",
+        [endpoint("via", "http://127.0.0.1:9/hook", ["#"])],
+        delivery={"proxy_url": f"http://127.0.0.1:{proxy_port}"},
+    )
+    client = EndpointClient(settings, settings.endpoints[0])
+    try:
+        result = await client.attempt("evt-p1", b"{}")
+    finally:
+        await client.close()
+        server.close()
+    assert result.status == 204
+    assert seen[0].startswith(b"POST http://127.0.0.1:9/hook HTTP/1.1")
+    assert b"webhook-signature: v1," in seen[0].lower()
+
+
+async def test_private_ca_bundle_is_trusted(tmp_path: Path) -> None:
+    """security.ca_bundle lets Hookline verify endpoints signed by a private CA."""
+    authority = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(context)
+    bundle = tmp_path / "ca.pem"
+    authority.cert_pem.write_to_path(str(bundle))
+
+    async def ok(_: web.Request) -> web.Response:
+        return web.Response()
+
+    async with serve(ok, ssl_context=context) as url:
+        settings = make_settings(
+            "unused",
+            [endpoint("tls", url, ["#"])],
+            security={"require_https": True, "allow_private_networks": True,
+                      "ca_bundle": str(bundle)},
+        )  # fmt: skip
+        client = EndpointClient(settings, settings.endpoints[0])
+        try:
+            result = await client.attempt("evt-5", b"{}")
+        finally:
+            await client.close()
+    assert result.status == 200
+
+
+async def test_oversized_response_headers_are_a_failed_attempt() -> None:
+    """An endpoint answering with a 64 KiB header line is refused, not buffered."""
+
+    async def huge_header(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 65536 + b"\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(huge_header, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = client_for(f"http://127.0.0.1:{port}/hook")
+    try:
+        result = await client.attempt("evt-6", b"{}")
+    finally:
+        await client.close()
+        server.close()
+    assert not result.delivered
+    assert result.error in ("protocol_error", "connection_error")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import socket
 import ssl
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import aiohttp
+from aiohttp.abc import AbstractResolver
 
 from producer import __version__
 from worker.exceptions import BlockedDestination
@@ -20,6 +22,10 @@ from worker.signing import signature_header
 USER_AGENT = f"Hookline/{__version__}"
 RETRY_AFTER_STATUSES = frozenset({429, 503})
 LOG_EXCERPT_CHARS = 1024
+# Bounds on what an endpoint may send back before its body: status line and each header
+# line, and the number of headers.
+MAX_RESPONSE_LINE_BYTES = 8190
+MAX_RESPONSE_HEADERS = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,9 +61,18 @@ def invalid_envelope(reason: str) -> AttemptResult:
 
 class EndpointClient:
     """The HTTP side of one endpoint: its own connection pool, so a hung endpoint that
-    holds every connection it may have cannot take one from any other endpoint."""
+    holds every connection it may have cannot take one from any other endpoint.
 
-    def __init__(self, settings: Settings, endpoint: EndpointSettings) -> None:
+    ``resolver`` replaces the system resolver underneath the SSRF guard (tests use it to
+    play a rebinding DNS server).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        endpoint: EndpointSettings,
+        resolver: AbstractResolver | None = None,
+    ) -> None:
         self.endpoint = endpoint
         security = settings.security
         self._literal_block: str | None = None
@@ -69,15 +84,19 @@ class EndpointClient:
             )
         except BlockedDestination as exc:
             self._literal_block = str(exc)
-        resolver = (
+        guard = (
             None
             if security.allow_private_networks
-            else GuardedResolver(allowed_networks=security.allowed_networks)
+            else GuardedResolver(allowed_networks=security.allowed_networks, inner=resolver)
         )
+        proxy = settings.delivery.proxy_url
+        # Through a proxy, the connector only ever reaches the (operator-chosen) proxy, so
+        # the guard checks the endpoint's name itself before each attempt instead.
+        self._precheck = guard if proxy is not None else None
         connector = aiohttp.TCPConnector(
             limit=settings.max_in_flight_for(endpoint),
-            resolver=resolver,
-            ssl=ssl.create_default_context(),
+            resolver=guard if proxy is None else resolver,
+            ssl=ssl.create_default_context(cafile=security.ca_bundle),
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -88,6 +107,10 @@ class EndpointClient:
             headers={"user-agent": USER_AGENT, **endpoint.headers},
             auto_decompress=False,
             skip_auto_headers=("Accept-Encoding",),
+            proxy=proxy.get_secret_value() if proxy is not None else None,
+            max_line_size=MAX_RESPONSE_LINE_BYTES,
+            max_field_size=MAX_RESPONSE_LINE_BYTES,
+            max_headers=MAX_RESPONSE_HEADERS,
         )
         self._max_response_bytes = settings.delivery.max_response_bytes
 
@@ -109,6 +132,8 @@ class EndpointClient:
         }
         started = time.perf_counter()
         try:
+            if self._precheck is not None:
+                await self._precheck.resolve(self.endpoint.host, 0, socket.AF_UNSPEC)
             async with self._session.post(
                 self.endpoint.url, data=body, headers=headers, allow_redirects=False
             ) as response:
@@ -154,7 +179,7 @@ def classify_error(exc: BaseException) -> tuple[str, str]:
         return "timeout", "no response within the timeout"
     if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
         return "tls_error", exc.__class__.__name__
-    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+    if isinstance(exc, aiohttp.ClientConnectorDNSError | socket.gaierror):
         return "dns_error", "host name did not resolve"
     if isinstance(exc, aiohttp.ClientConnectorError):
         return "connection_error", f"cannot connect: {exc.os_error.__class__.__name__}"

@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
+from producer.connection import connect
 from producer.publisher import publish_confirmed
 from worker.recorder import carried_headers, copy_message, settle
 from worker.settings import Settings
@@ -78,7 +78,7 @@ class ReplayReport:
 async def _dead_letter_queue(
     settings: Settings,
 ) -> AsyncIterator[tuple[AbstractChannel, AbstractQueue]]:
-    connection = await aio_pika.connect(settings.broker.connection_url())
+    connection = await connect(settings.broker, f"hookline-dlq {settings.broker.exchange}")
     try:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         queue = await declare_dead_letter_queue(channel, settings)

@@ -11,6 +11,7 @@ import aio_pika
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
+from producer.connection import connect
 from worker.consumer import EndpointConsumer
 from worker.delivery import EndpointClient
 from worker.depths import poll_depths
@@ -106,12 +107,9 @@ class Worker:
         return False
 
     async def _connect(self, role: str) -> AbstractRobustConnection:
-        connection = await aio_pika.connect_robust(
-            self.settings.broker.connection_url(),
-            # Named so operators (and fault tests) can tell workers' connections apart.
-            client_properties={
-                "connection_name": f"hookline-worker {role} {self.settings.broker.exchange}"
-            },
+        # Named so operators (and fault tests) can tell workers' connections apart.
+        connection = await connect(
+            self.settings.broker, f"hookline-worker {role} {self.settings.broker.exchange}"
         )
         connection.close_callbacks.add(self._on_connection_lost)
         connection.reconnect_callbacks.add(self._on_reconnected)

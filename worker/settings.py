@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from pydantic import (
     Field,
+    FilePath,
     PrivateAttr,
     SecretStr,
     ValidationError,
@@ -69,6 +70,16 @@ class DeliverySettings(Model):
     max_body_bytes: int = Field(default=1_048_576, gt=0)
     max_in_flight: int = Field(default=32, ge=1, le=1000)
     max_response_bytes: int = Field(default=65_536, ge=0)
+    proxy_url: SecretStr | None = None
+
+    @field_validator("proxy_url")
+    @classmethod
+    def _check_proxy(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parts = urlsplit(value.get_secret_value())
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("must be an http:// or https:// proxy URL")
+        return value
 
 
 class RetrySettings(Model):
@@ -99,6 +110,7 @@ class SecuritySettings(Model):
     require_https: bool = True
     allow_private_networks: bool = False
     allowed_networks: tuple[Network, ...] = ()
+    ca_bundle: FilePath | None = None
 
 
 class EndpointSettings(Model):
