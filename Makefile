@@ -24,6 +24,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/bandit -q -r producer worker --severity-level medium
 
 format: venv
 	$(BIN)/ruff format .

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import sys
 from pathlib import Path
 
 import aio_pika
+import aiohttp
 import pytest
 import yaml
 
@@ -196,3 +198,51 @@ def write_events(directory: Path, event_type: str, count: int) -> Path:
         "\n".join(json.dumps({"type": event_type, "data": {"i": i}}) for i in range(count))
     )
     return path
+
+
+async def test_secrets_never_appear_in_any_output(
+    tmp_path: Path, exchange_name: str, receiver: Receiver, broker: Broker
+) -> None:
+    """Endpoint secrets appear nowhere: check-config, a worker's whole log through delivery,
+    retries and dead-lettering, /metrics, dlq list, or a config error about a secret."""
+    secret = "whsec_" + base64.b64encode(b"hookline-secret-canary-0123456789").decode()
+    fragments = [secret, secret.removeprefix("whsec_"), "hookline-secret-canary"]
+    document = make_document(
+        exchange_name,
+        [endpoint("ok", receiver.url("/ok"), ["canary.*"], secret=secret),
+         endpoint("bad", receiver.url("/bad"), ["canary.*"], secret=secret)],
+        retry={"delays_s": [0.1]},
+    )  # fmt: skip
+    receiver.script("/bad", 500)
+    config = write_config(tmp_path, document)
+    outputs: list[str] = []
+    code, out, err = await run("-m", "worker", "check-config", "--config", str(config))
+    outputs += [out, err]
+    async with WorkerProcess(config) as worker:
+        started = await worker.wait_for_log("worker_consuming")
+        code, out, err = await run(
+            "-m", "producer", "publish", "--config", str(config), "--type", "canary.x"
+        )
+        outputs += [out, err]
+        await receiver.wait_for(lambda: len(receiver.on("/bad")) == 2)
+        port = json.loads(next(line for line in worker.log_lines if "worker_starting" in line))[
+            "metrics_port"
+        ]
+        url = f"http://127.0.0.1:{port}/metrics"
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            outputs.append(await response.text())
+        await asyncio.sleep(0.3)
+        assert await worker.stop() == 0
+    outputs += worker.log_lines
+    code, out, err = await run("-m", "worker", "dlq", "list", "--config", str(config))
+    outputs += [out, err]
+    document["endpoints"][0]["secret"] = secret[:20]  # too short: rejected at load
+    code, out, err = await run("-m", "worker", "check-config", "--config",
+                               str(write_config(tmp_path, document)))  # fmt: skip
+    outputs += [out, err]
+    assert code == 2
+    everything = "\n".join(outputs)
+    assert "delivery_dead_lettered" in everything and started
+    for fragment in fragments:
+        assert fragment not in everything
+    assert "guest:guest" not in everything

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
+import trustme
 
 from producer import Publisher
 from tests.conftest import (
@@ -443,3 +445,54 @@ async def test_long_outage_at_scale_keeps_memory_flat_and_others_flowing(
     assert sorted(dead_letter_ids) == sorted(dead_ids)
     assert depth_peak <= dead_count + fast_count
     assert rss_end <= rss_start * 1.5 + 20, (rss_start, rss_end)
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> dict[str, Path]:
+    """A private CA, a broker certificate for 'localhost' and a client certificate."""
+    authority = trustme.CA()
+    files = {name: tmp_path / f"{name}.pem" for name in ("ca", "server", "client", "client_key")}
+    authority.cert_pem.write_to_path(str(files["ca"]))
+    authority.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(
+        str(files["server"])
+    )
+    client = authority.issue_cert("hookline-worker")
+    client.cert_chain_pems[0].write_to_path(str(files["client"]))
+    client.private_key_pem.write_to_path(str(files["client_key"]))
+    return files
+
+
+async def test_amqps_with_verified_broker_and_client_certificate(
+    exchange_name: str, receiver: Receiver, run_worker: RunWorker, tls_files: dict[str, Path]
+) -> None:
+    """Over amqps:// the broker's certificate is verified against broker.tls.ca_file and the
+    client certificate is presented; worker and SDK deliver through it."""
+    front = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tls_files["ca"]))
+    front.load_cert_chain(str(tls_files["server"]))
+    front.verify_mode = ssl.CERT_REQUIRED  # the broker insists on a client certificate
+    tls_front = TcpProxy()
+    await tls_front.start(ssl_context=front)
+    try:
+        tls = {"ca_file": str(tls_files["ca"]), "cert_file": str(tls_files["client"]),
+               "key_file": str(tls_files["client_key"])}  # fmt: skip
+        url = f"amqps://guest:guest@localhost:{tls_front.port}/"
+        settings = make_settings(exchange_name, [endpoint("ep", receiver.url("/ep"), ["tls.*"])],
+                                 broker={"url": url, "tls": tls})  # fmt: skip
+        await run_worker(settings)
+        async with Publisher.from_settings(settings.broker) as publisher:
+            event_id = await publisher.publish("tls.ok", {})
+        await receiver.wait_for(lambda: event_id in receiver.delivered_ids("/ep"))
+        assert tls_front.connections_seen >= 3  # worker consume + publish, SDK
+
+        for missing in (("ca_file",), ("cert_file", "key_file")):
+            partial = {k: v for k, v in tls.items() if k not in missing}
+            refused = make_settings(exchange_name, [endpoint("ep", receiver.url("/ep"), ["#"])],
+                                    broker={"url": url, "tls": partial})  # fmt: skip
+            worker = Worker(refused, Metrics())
+            task = asyncio.create_task(worker.run())
+            await asyncio.sleep(1.5)
+            assert not worker.is_ready(), missing  # refused, and still retrying
+            worker.request_stop()
+            await asyncio.wait_for(task, timeout=10)
+    finally:
+        await tls_front.close()

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import hypothesis
 import pytest
 import yaml
+from hypothesis import strategies as st
 
 from producer.exceptions import ConfigError
 from tests.conftest import REPO, SECRET_A, SECRET_B
-from worker.settings import load_settings
+from worker.settings import load_settings, settings_from_document
 
 
 def write(tmp_path: Path, document: object, name: str = "config.yaml") -> Path:
@@ -165,3 +168,86 @@ def test_production_example_config_is_valid(tmp_path: Path) -> None:
     settings = load_settings(REPO / "deploy" / "config.production.yaml", environ=environ)
     assert settings.security.require_https
     assert len(settings.endpoint("billing").signing_keys) == 2
+
+
+SECTION_KEYS = {
+    "broker": ["url", "exchange", "queue_type", "publish_timeout_s", "tls", "heartbeat_s"],
+    "worker": ["shutdown_timeout_s", "log_format", "log_level"],
+    "metrics": ["host", "port", "queue_poll_s"],
+    "delivery": ["timeout_s", "max_body_bytes", "max_in_flight", "proxy_url"],
+    "retry": ["delays_s", "no_retry_statuses"],
+    "security": ["require_https", "allow_private_networks", "allowed_networks", "ca_bundle"],
+}
+yaml_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=30)
+)
+yaml_values = st.recursive(
+    yaml_scalars,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+fuzzed_sections = st.fixed_dictionaries(
+    {},
+    optional={
+        section: st.dictionaries(st.sampled_from([*keys, "typo"]), yaml_values, max_size=4)
+        for section, keys in SECTION_KEYS.items()
+    }
+    | {
+        "endpoints": st.lists(
+            st.dictionaries(
+                st.sampled_from(["name", "url", "events", "secret", "secret_env", "timeout_s",
+                                 "max_in_flight", "headers"]),
+                yaml_values,
+            ),
+            max_size=3,
+        )
+    },
+)  # fmt: skip
+
+
+@hypothesis.settings(max_examples=400, deadline=None)
+@hypothesis.given(fuzzed_sections)
+def test_fuzzed_configs_fail_only_with_config_error(document: dict[str, object]) -> None:
+    """Any document either loads or raises ConfigError naming the file: never another error."""
+    try:
+        settings_from_document(document, Path("fuzz.yaml"), {})
+    except ConfigError as exc:
+        message = str(exc)
+    else:
+        return
+    assert message.startswith("fuzz.yaml: ")
+
+
+@hypothesis.settings(max_examples=200, deadline=None)
+@hypothesis.given(st.text(max_size=200))
+def test_fuzzed_yaml_text_fails_only_with_config_error(tmp_path_factory: object, text: str) -> None:
+    """Arbitrary text in config.yaml gives settings or a ConfigError, nothing else."""
+    path = tmp_path_factory.mktemp("fuzz") / "config.yaml"  # type: ignore[attr-defined]
+    path.write_text(text)
+    with contextlib.suppress(ConfigError):
+        load_settings(path, environ={})
+
+
+def test_tls_proxy_and_ca_bundle_settings_are_checked(tmp_path: Path) -> None:
+    """broker.tls needs amqps://, files must exist, and certificate checks cannot be disabled."""
+    cases = [
+        ({"broker": {"url": "amqp://h/", "tls": {"ca_file": "/nonexistent.pem"}}}, "ca_file"),
+        ({"broker": {"url": "amqp://h/", "tls": {}}}, "needs an amqps:// URL"),
+        ({"broker": {"url": "amqps://h/?no_verify_ssl=1"}}, "certificate checks"),
+        ({"security": {"ca_bundle": str(tmp_path / "missing.pem")}}, "security.ca_bundle"),
+        ({"delivery": {"proxy_url": "socks5://proxy:1080"}}, "delivery.proxy_url"),
+        ({"security": {"allowed_networks": [1]}}, "CIDR"),
+        ({"security": {"allowed_networks": ["10.0.0.1/8"]}}, "allowed_networks"),
+    ]
+    for overrides, expected in cases:
+        document = minimal()
+        for section, values in overrides.items():
+            document[section] = {**document.get(section, {}), **values}  # type: ignore[dict-item]
+        with pytest.raises(ConfigError, match=expected):
+            load_settings(write(tmp_path, document), environ={})
+    document = minimal()
+    document["delivery"] = {"proxy_url": "http://user:hunter2@egress.internal:3128"}
+    settings = load_settings(write(tmp_path, document), environ={})
+    assert "hunter2" not in repr(settings)

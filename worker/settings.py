@@ -59,7 +59,8 @@ class WorkerSection(Model):
 
 
 class MetricsSettings(Model):
-    host: str = "0.0.0.0"  # noqa: S104 - metrics are meant to be scraped from outside the pod
+    # Metrics are scraped from outside the container, so every interface by default.
+    host: str = "0.0.0.0"  # noqa: S104  # nosec B104
     port: int = Field(default=9100, ge=0, le=65535)
     queue_poll_s: PositiveSeconds = 15.0
 
@@ -111,6 +112,14 @@ class SecuritySettings(Model):
     allow_private_networks: bool = False
     allowed_networks: tuple[Network, ...] = ()
     ca_bundle: FilePath | None = None
+
+    @field_validator("allowed_networks", mode="before")
+    @classmethod
+    def _networks_are_cidr_strings(cls, value: object) -> object:
+        # Without this, pydantic would read a bare number as a /32 network.
+        if isinstance(value, list | tuple) and not all(isinstance(v, str) for v in value):
+            raise ValueError("must be a list of CIDR strings such as 10.1.0.0/16")
+        return value
 
 
 class EndpointSettings(Model):
