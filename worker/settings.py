@@ -31,6 +31,7 @@ from worker.signing import SigningKey
 
 ENDPOINT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 PATTERN_WORD_RE = re.compile(r"^(\*|#|[A-Za-z0-9_-]+)$")
+NUMERIC_LABEL_RE = re.compile(r"0[xX][0-9a-fA-F]*|[0-9]+")
 HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # Headers Hookline owns; an endpoint may not override them.
 RESERVED_HEADERS = frozenset(
@@ -155,6 +156,8 @@ class EndpointSettings(Model):
             raise ValueError("must not carry credentials; use headers for authentication")
         if port == 0 or parts.fragment:
             raise ValueError("is not a valid URL")
+        if _is_legacy_numeric_ipv4(parts.hostname):
+            raise ValueError("writes an IPv4 address in a legacy numeric form; use a.b.c.d")
         return url
 
     @field_validator("events")
@@ -207,6 +210,19 @@ class EndpointSettings(Model):
     @property
     def host(self) -> str:
         return urlsplit(self.url).hostname or ""
+
+
+def _is_legacy_numeric_ipv4(host: str) -> bool:
+    """Decimal, octal, hex or short IPv4 forms (2130706433, 0177.0.0.1, 127.1): resolvers
+    read them as addresses, and they hide what an endpoint points at."""
+    labels = host.split(".")
+    if not all(NUMERIC_LABEL_RE.fullmatch(label) for label in labels):
+        return False
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return True
+    return False
 
 
 def _as_tuple(value: object) -> tuple[object, ...]:
