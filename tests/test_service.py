@@ -335,10 +335,9 @@ async def test_connection_lost_without_clean_close(
            delivered=len(set(delivered)), duplicated=duplicates(delivered),
            lost=len(set(before + after) - set(delivered)),
            recovered_s=round(recovered_s, 1), readyz=readiness.states)  # fmt: skip
-    if fault != "silent_peer":
-        # A silent peer is only found by the heartbeat timeout, and the reconnect that
-        # follows is immediate, so /readyz may never be seen failing there.
-        assert 503 in readiness.states
+    # The reconnect follows the loss within milliseconds, often between two /readyz polls,
+    # so the worker's own count of reconnects is what proves it noticed and recovered.
+    assert worker.metrics.broker_reconnects._value.get() >= 1
 
 
 async def _reconnected(proxy: TcpProxy, connections_before: int, worker: Worker) -> bool:

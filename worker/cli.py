@@ -6,8 +6,9 @@ import argparse
 import asyncio
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 from worker import dlq
 from worker.exceptions import ConfigError, HooklineError, ListenError, TopologyConflict
@@ -75,8 +76,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(describe_settings(settings, args.config))
         return 0
     if args.command == "run":
-        return asyncio.run(run_worker(settings))
-    return asyncio.run(run_dlq(settings, args))
+        return run_async(run_worker(settings))
+    return run_async(run_dlq(settings, args))
+
+
+def run_async(main_coroutine: Coroutine[Any, Any, int]) -> int:
+    """Run on uvloop when it is installed (it is a dependency on Linux), else asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main_coroutine)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main_coroutine)
 
 
 async def run_worker(settings: Settings) -> int:

@@ -68,6 +68,11 @@ class Metrics:
             "1 while the worker's broker connections are up.",
             registry=r,
         )
+        self.broker_reconnects = Counter(
+            "webhook_broker_reconnects",
+            "Broker connections re-established after a loss.",
+            registry=r,
+        )
         self.ready = Gauge(
             "webhook_worker_ready",
             "1 while the worker is connected and consuming.",

@@ -75,7 +75,8 @@ class Worker:
         self._stop_requested = asyncio.Event()
         await self.health.start()
         log.info("worker_starting", metrics_port=self.health.port,
-                 endpoints=[e.name for e in self.settings.endpoints])  # fmt: skip
+                 endpoints=[e.name for e in self.settings.endpoints],
+                 event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0])  # fmt: skip
         try:
             if await self._connect_with_backoff():
                 await self._start_consumers()
@@ -121,6 +122,7 @@ class Worker:
             log.warning("broker_connection_lost", error=exc.__class__.__name__ if exc else None)
 
     def _on_reconnected(self, _: Any) -> None:
+        self.metrics.broker_reconnects.inc()
         if self.is_ready():
             self.metrics.broker_connected.set(1)
         log.info("broker_reconnected")
