@@ -10,6 +10,7 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from producer.envelope import Envelope, parse_envelope
+from worker.acks import AckCoalescer
 from worker.delivery import AttemptResult, EndpointClient, invalid_envelope
 from worker.exceptions import InvalidEnvelope, PublishError
 from worker.metrics import Metrics
@@ -53,6 +54,7 @@ class EndpointConsumer:
         self._consumer_tag: str | None = None
         self._stopping = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._acks = AckCoalescer()
         self._in_flight = metrics.in_flight.labels(endpoint=endpoint.name)
         self._duration = metrics.duration.labels(endpoint=endpoint.name)
         self._end_to_end = metrics.end_to_end.labels(endpoint=endpoint.name)
@@ -81,8 +83,9 @@ class EndpointConsumer:
                 self._log.warning("consumer_cancel_failed", error=exc.__class__.__name__)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self._acks.started(message)
         if self._stopping:
-            await settle(message, requeue=True)
+            await self._requeue(message)
             return
         task = asyncio.current_task()
         assert task is not None
@@ -93,7 +96,7 @@ class EndpointConsumer:
             # A bug, not an endpoint failure: keep the message and keep the worker alive.
             self._log.exception("delivery_handler_crashed", message_id=message.message_id)
             await asyncio.sleep(RECORD_FAILURE_PAUSE_S)
-            await settle(message, requeue=True)
+            await self._requeue(message)
         finally:
             self._tasks.discard(task)
 
@@ -121,7 +124,7 @@ class EndpointConsumer:
                 requeue_after_s=RECORD_FAILURE_PAUSE_S,
             )
             await asyncio.sleep(RECORD_FAILURE_PAUSE_S)
-            await settle(message, requeue=True)
+            await self._requeue(message)
             return
         self._observe(decision, result, envelope, log)
 
@@ -160,8 +163,12 @@ class EndpointConsumer:
                 last_status=result.last_status,
                 detail=result.detail,
             )
-        if not await settle(message):
+        if not await self._acks.ack(message):
             self._log.warning("ack_failed_will_be_redelivered", message_id=message.message_id)
+
+    async def _requeue(self, message: AbstractIncomingMessage) -> None:
+        await settle(message, requeue=True)
+        self._acks.forget(message)
 
     def _observe(
         self,
