@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 BLOB = "x" * 930  # makes each envelope about 1 KiB
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+QUEUE_TYPE = ["quorum"]  # set from --queue-type
 
 
 @dataclass
@@ -102,7 +103,7 @@ def config_document(
     exchange: str, endpoints: list[dict[str, Any]], **sections: Any
 ) -> dict[str, Any]:
     document: dict[str, Any] = {
-        "broker": {"url": AMQP_URL, "exchange": exchange},
+        "broker": {"url": AMQP_URL, "exchange": exchange, "queue_type": QUEUE_TYPE[0]},
         "worker": {"shutdown_timeout_s": 10, "log_format": "json", "log_level": "info"},
         "metrics": {"host": "127.0.0.1", "port": free_port()},
         "retry": {"delays_s": [5, 30]},
@@ -583,6 +584,7 @@ async def main() -> int:
     parser = argparse.ArgumentParser(description="Hookline benchmarks (loopback only).")
     parser.add_argument("--quick", action="store_true", help="1 repetition, small loads")
     parser.add_argument("--soak-s", type=float, help="soak length (default 600, quick 60)")
+    parser.add_argument("--queue-type", choices=["quorum", "classic"], default="quorum")
     parser.add_argument(
         "--only", nargs="*", choices=["drain", "latency", "soak", "scale", "isolation", "fanout"]
     )
@@ -600,6 +602,7 @@ async def main() -> int:
         )
     if args.soak_s is not None:
         plan.soak_s = args.soak_s
+    QUEUE_TYPE[0] = args.queue_type
     only = set(args.only or ["drain", "latency", "soak", "scale", "isolation", "fanout"])
     with tempfile.TemporaryDirectory(prefix="hookline-bench-") as temp:
         workdir = Path(temp)
@@ -616,6 +619,7 @@ async def main() -> int:
             "receiver": fast.kind,
             "plan": vars(plan),
             "event_loop": "uvloop" if _has_uvloop() else "asyncio",
+            "queue_type": args.queue_type,
         }
         print(f"receiver: {fast.kind}; cpus: {os.cpu_count()}; plan: {vars(plan)}", flush=True)
         try:

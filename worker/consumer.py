@@ -8,6 +8,7 @@ from typing import Any
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from prometheus_client import Counter
 
 from producer.envelope import Envelope, parse_envelope
 from worker.acks import AckCoalescer
@@ -58,6 +59,12 @@ class EndpointConsumer:
         self._in_flight = metrics.in_flight.labels(endpoint=endpoint.name)
         self._duration = metrics.duration.labels(endpoint=endpoint.name)
         self._end_to_end = metrics.end_to_end.labels(endpoint=endpoint.name)
+        # Labelled children looked up once: .labels() takes a lock on every call.
+        self._outcomes = {
+            action: metrics.deliveries.labels(endpoint=endpoint.name, outcome=action.value)
+            for action in Action
+        }
+        self._status_classes: dict[str, Counter] = {}
 
     @property
     def consuming(self) -> bool:
@@ -136,9 +143,13 @@ class EndpointConsumer:
             self._in_flight.dec()
         if result.error != "blocked_destination":
             self._duration.observe(result.duration_s)
-        self._metrics.attempts.labels(
-            endpoint=self._endpoint.name, status_class=result.status_class
-        ).inc()
+        counter = self._status_classes.get(result.status_class)
+        if counter is None:
+            counter = self._metrics.attempts.labels(
+                endpoint=self._endpoint.name, status_class=result.status_class
+            )
+            self._status_classes[result.status_class] = counter
+        counter.inc()
         return result
 
     async def _record(
@@ -177,8 +188,7 @@ class EndpointConsumer:
         envelope: Envelope | None,
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
-        name = self._endpoint.name
-        self._metrics.deliveries.labels(endpoint=name, outcome=decision.action.value).inc()
+        self._outcomes[decision.action].inc()
         fields = {
             "status": result.last_status,
             "duration_ms": round(result.duration_s * 1000, 1),
@@ -199,5 +209,7 @@ class EndpointConsumer:
         else:
             assert decision.reason is not None
             fields["reason"] = decision.reason.value
-            self._metrics.dead_lettered.labels(endpoint=name, reason=decision.reason.value).inc()
+            self._metrics.dead_lettered.labels(
+                endpoint=self._endpoint.name, reason=decision.reason.value
+            ).inc()
         log.warning(OUTCOME_EVENTS[decision.action], **fields)

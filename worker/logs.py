@@ -32,7 +32,6 @@ def configure_logging(section: WorkerSection, stream: TextIO | None = None) -> N
         section.log_format == "auto" and stream.isatty()
     )
     shared: list[structlog.typing.Processor] = [
-        structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
