@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,31 @@ class Bench:
             for name in exchange_names(settings.broker.exchange):
                 await channel.exchange_delete(name)
 
+    @contextlib.asynccontextmanager
+    async def deployed(
+        self, endpoints: list[dict[str, Any]], preload: tuple[str, int] | None = None
+    ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """A fresh exchange with its topology (and a preloaded backlog), deleted afterwards."""
+        exchange = f"hl-bench-{uuid.uuid4().hex[:8]}"
+        document = config_document(exchange, endpoints)
+        settings = await self.prepare(document)
+        try:
+            if preload is not None:
+                await self.preload(exchange, *preload)
+            yield exchange, document
+        finally:
+            await self.cleanup(settings)
+
+    async def measure(
+        self, receiver: Receiver, processes: list[subprocess.Popen[bytes]], expected: int
+    ) -> Run:
+        """Watch the first process until the receiver has ``expected`` hits, then stop all."""
+        try:
+            return await self.watch(receiver, processes[0], expected, 600)
+        finally:
+            for process in processes:
+                self.stop(process)
+
     # -- processes --------------------------------------------------------------------
 
     async def start_hookline(self, document: dict[str, Any]) -> subprocess.Popen[bytes]:
@@ -209,26 +235,19 @@ class Bench:
         runs: dict[str, list[Run]] = {"naive": [], "naive_concurrent": [], "hookline": []}
         for repetition in range(self.plan.repetitions):
             for contender in runs:
-                exchange = f"hl-bench-{uuid.uuid4().hex[:8]}"
-                document = config_document(
-                    exchange, [endpoint_document("fast", receiver.url, ["bench.#"])]
-                )
-                settings = await self.prepare(document)
-                await self.preload(exchange, "bench.drain", self.plan.drain_events)
-                receiver.reset()
-                if contender == "hookline":
-                    process = await self.start_hookline(document)
-                else:
-                    process = await self.start_naive(
-                        endpoint_queue(exchange, "fast"),
-                        receiver.url,
-                        concurrent=contender == "naive_concurrent",
-                    )
-                try:
-                    run = await self.watch(receiver, process, self.plan.drain_events, 600)
-                finally:
-                    self.stop(process)
-                    await self.cleanup(settings)
+                endpoints = [endpoint_document("fast", receiver.url, ["bench.#"])]
+                backlog = ("bench.drain", self.plan.drain_events)
+                async with self.deployed(endpoints, backlog) as (exchange, document):
+                    receiver.reset()
+                    if contender == "hookline":
+                        process = await self.start_hookline(document)
+                    else:
+                        process = await self.start_naive(
+                            endpoint_queue(exchange, "fast"),
+                            receiver.url,
+                            concurrent=contender == "naive_concurrent",
+                        )
+                    run = await self.measure(receiver, [process], self.plan.drain_events)
                 runs[contender].append(run)
                 print(
                     f"  drain rep {repetition + 1} {contender}: {run.rate:,.0f}/s, "
@@ -337,25 +356,17 @@ class Bench:
         rates: dict[int, list[float]] = {1: [], 2: []}
         for _ in range(self.plan.repetitions):
             for workers in (1, 2):
-                exchange = f"hl-bench-{uuid.uuid4().hex[:8]}"
-                document = config_document(
-                    exchange, [endpoint_document("slow", slow.url, ["bench.#"], max_in_flight=16)]
-                )
-                settings = await self.prepare(document)
-                await self.preload(exchange, "bench.scale", self.plan.scale_events)
-                slow.reset()
-                processes = [
-                    await self.start_hookline(
-                        {**document, "metrics": {"host": "127.0.0.1", "port": free_port()}}
-                    )
-                    for _ in range(workers)
-                ]
-                try:
-                    run = await self.watch(slow, processes[0], self.plan.scale_events, 600)
-                finally:
-                    for process in processes:
-                        self.stop(process)
-                    await self.cleanup(settings)
+                endpoints = [endpoint_document("slow", slow.url, ["bench.#"], max_in_flight=16)]
+                backlog = ("bench.scale", self.plan.scale_events)
+                async with self.deployed(endpoints, backlog) as (_, document):
+                    slow.reset()
+                    processes = [
+                        await self.start_hookline(
+                            {**document, "metrics": {"host": "127.0.0.1", "port": free_port()}}
+                        )
+                        for _ in range(workers)
+                    ]
+                    run = await self.measure(slow, processes, self.plan.scale_events)
                 rates[workers].append(run.rate)
                 print(f"  scale {workers} worker(s): {run.rate:,.0f}/s", flush=True)
         self.results.scenarios["scale"] = {"one": rates[1], "two": rates[2]}
@@ -365,20 +376,14 @@ class Bench:
         rates: dict[str, list[float]] = {"alone": [], "with_hung": []}
         for _ in range(self.plan.repetitions):
             for case in rates:
-                exchange = f"hl-bench-{uuid.uuid4().hex[:8]}"
                 endpoints = [endpoint_document("fast", fast.url, ["bench.#"])]
                 if case == "with_hung":
                     endpoints.append(endpoint_document("hung", hang.url, ["bench.#"], timeout_s=5))
-                document = config_document(exchange, endpoints)
-                settings = await self.prepare(document)
-                await self.preload(exchange, "bench.isolation", self.plan.isolation_events)
-                fast.reset()
-                process = await self.start_hookline(document)
-                try:
-                    run = await self.watch(fast, process, self.plan.isolation_events, 600)
-                finally:
-                    self.stop(process)
-                    await self.cleanup(settings)
+                backlog = ("bench.isolation", self.plan.isolation_events)
+                async with self.deployed(endpoints, backlog) as (_, document):
+                    fast.reset()
+                    process = await self.start_hookline(document)
+                    run = await self.measure(fast, [process], self.plan.isolation_events)
                 rates[case].append(run.rate)
                 print(f"  isolation {case}: {run.rate:,.0f}/s", flush=True)
         self.results.scenarios["isolation"] = rates
@@ -387,20 +392,14 @@ class Bench:
         """(g) one event type subscribed by 10 endpoints."""
         rates: list[float] = []
         for _ in range(self.plan.repetitions):
-            exchange = f"hl-bench-{uuid.uuid4().hex[:8]}"
             endpoints = [
                 endpoint_document(f"fan{n}", receiver.url, ["bench.fanout"]) for n in range(10)
             ]
-            document = config_document(exchange, endpoints)
-            settings = await self.prepare(document)
-            await self.preload(exchange, "bench.fanout", self.plan.fanout_events)
-            receiver.reset()
-            process = await self.start_hookline(document)
-            try:
-                run = await self.watch(receiver, process, self.plan.fanout_events * 10, 600)
-            finally:
-                self.stop(process)
-                await self.cleanup(settings)
+            backlog = ("bench.fanout", self.plan.fanout_events)
+            async with self.deployed(endpoints, backlog) as (_, document):
+                receiver.reset()
+                process = await self.start_hookline(document)
+                run = await self.measure(receiver, [process], self.plan.fanout_events * 10)
             rates.append(run.rate)
             print(f"  fan-out x10: {run.rate:,.0f} deliveries/s", flush=True)
         self.results.scenarios["fanout"] = {"deliveries_per_s": rates, "endpoints": 10}
@@ -487,7 +486,7 @@ def summarise(results: Results) -> tuple[str, list[dict[str, Any]]]:
         soak = s["soak"]
         rows.append(
             {
-                "scenario": f"(c) RSS across a {soak['seconds'] / 60:.0f}-min soak, MB",
+                "scenario": f"(c) RSS across a {soak['seconds'] / 60:.1f}-min soak, MB",
                 "hookline": f"{soak['rss_warm_mb']:.1f} -> {soak['rss_end_mb']:.1f}",
                 "baseline": "",
                 "ratio": 1 + soak["growth"],
