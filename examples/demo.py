@@ -58,10 +58,10 @@ async def start(
     ]
 
 
-async def wait_ready(port: int, timeout_s: float = 30) -> None:
+async def wait_ready(port: int, worker: asyncio.subprocess.Process, timeout_s: float = 30) -> None:
     deadline = time.monotonic() + timeout_s
     async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and worker.returncode is None:
             try:
                 async with session.get(f"http://127.0.0.1:{port}/readyz") as response:
                     if response.status == 200:
@@ -69,7 +69,7 @@ async def wait_ready(port: int, timeout_s: float = 30) -> None:
             except aiohttp.ClientError:
                 pass
             await asyncio.sleep(0.2)
-    raise SystemExit("the worker did not become ready; is RabbitMQ running on 127.0.0.1:5672?")
+    raise SystemExit("the worker did not become ready: see its log above")
 
 
 def receiver_arguments(settings: Settings) -> list[str]:
@@ -97,7 +97,7 @@ async def main() -> None:
     receiver, receiver_tasks = await start("receiver", *receiver_arguments(settings))
     worker, worker_tasks = await start("worker  ", "-m", "worker", "run", "--config", str(CONFIG))
     try:
-        await wait_ready(settings.metrics.port)
+        await wait_ready(settings.metrics.port, worker)
         say("publishing 4 events with the Python SDK (producer.Publisher)")
         async with Publisher.from_settings(settings.broker) as publisher:
             for event_type, data in [

@@ -47,6 +47,7 @@ class Worker:
         self._clients: list[EndpointClient] = []
         self._consumers: list[EndpointConsumer] = []
         self._started = False
+        self._closing = False  # set while the worker closes its own connections
         self._background: set[asyncio.Task[None]] = set()
         for endpoint in settings.endpoints:
             self.metrics.register_endpoint(endpoint.name)
@@ -98,7 +99,9 @@ class Worker:
                 self._publish_connection = await self._connect("publish")
                 return True
             except (ConnectionError, OSError, aio_pika.exceptions.AMQPError) as exc:
+                self._closing = True
                 await self._close_connections()
+                self._closing = False
                 log.warning("broker_unreachable", broker=self.settings.broker.masked_url,
                             error=exc.__class__.__name__, retry_in_s=round(delay, 2))  # fmt: skip
                 with contextlib.suppress(TimeoutError):
@@ -118,7 +121,7 @@ class Worker:
 
     def _on_connection_lost(self, _: Any, exc: BaseException | None = None) -> None:
         self.metrics.broker_connected.set(0)
-        if not self._stopping:
+        if not self._stopping and not self._closing:
             log.warning("broker_connection_lost", error=exc.__class__.__name__ if exc else None)
 
     def _on_reconnected(self, _: Any) -> None:
@@ -165,6 +168,7 @@ class Worker:
         )
 
     async def _shutdown(self) -> None:
+        self._closing = True
         self.metrics.ready.set(0)
         for task in self._background:
             task.cancel()

@@ -88,8 +88,10 @@ async def _translating_conflicts(coro: Awaitable[T]) -> T:
         return await coro
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
         raise TopologyConflict(
-            f"{exc.args[0] if exc.args else exc}; it exists with other arguments "
-            "(for example another broker.queue_type): delete it or rename the exchange"
+            f"{exc.args[0] if exc.args else exc}. It was declared earlier with other arguments "
+            "(another broker.queue_type, or by a Hookline before 0.1.0 without the unrouted "
+            "alternate exchange). Delete it (management UI, or `rabbitmqadmin delete "
+            "exchange|queue name=...`) once drained, or set another broker.exchange"
         ) from None
 
 
