@@ -21,14 +21,6 @@ from worker.retry import Reason
 from worker.topology import dead_letter_queue, delay_queue
 
 ATTEMPTS_HEADER = "hookline-attempts"
-DEAD_LETTER_HEADERS = (
-    "hookline-endpoint",
-    "hookline-reason",
-    "hookline-attempts",
-    "hookline-last-status",
-    "hookline-dead-lettered-at",
-    "hookline-detail",
-)
 MAX_DETAIL_CHARS = 512
 
 
