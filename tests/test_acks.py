@@ -45,15 +45,21 @@ async def delivered(
         await setup.close()
 
 
+def coalescer_for(messages: list[AbstractIncomingMessage], **timing: float) -> AckCoalescer:
+    """A coalescer that has seen every delivery start, as the consumer's callback does."""
+    acks = AckCoalescer(**timing)
+    for message in messages:
+        acks.started(message)
+    return acks
+
+
 async def test_finished_deliveries_share_one_ack(
     delivered: tuple[aio_pika.abc.AbstractChannel, AbstractQueue, list[AbstractIncomingMessage]],
     broker: Broker,
 ) -> None:
     """Ten deliveries finishing out of order are acked with a single multiple-ack."""
     channel, queue, messages = delivered
-    acks = AckCoalescer(flush_delay_s=0.01)
-    for message in messages:
-        acks.started(message)
+    acks = coalescer_for(messages, flush_delay_s=0.01)
     sent: list[tuple[int, bool]] = []
     real_ack = messages[0].channel.basic_ack
 
@@ -77,9 +83,7 @@ async def test_a_running_delivery_is_never_covered(
     """With deliveries 1 and 5 still running, the others are acked (after the hold) and the
     two running ones go back to the queue when the channel closes."""
     channel, queue, messages = delivered
-    acks = AckCoalescer(flush_delay_s=0.005, max_hold_s=0.05)
-    for message in messages:
-        acks.started(message)
+    acks = coalescer_for(messages, flush_delay_s=0.005, max_hold_s=0.05)
     finished = [m for index, m in enumerate(messages) if index not in (0, 4)]
     results = await asyncio.wait_for(asyncio.gather(*(acks.ack(m) for m in finished)), 5)
     assert all(results)
@@ -95,9 +99,7 @@ async def test_nacked_deliveries_do_not_block_the_multiple_ack(
 ) -> None:
     """A requeued delivery counts as settled: the acks above it still coalesce."""
     channel, queue, messages = delivered
-    acks = AckCoalescer(flush_delay_s=0.01)
-    for message in messages:
-        acks.started(message)
+    acks = coalescer_for(messages, flush_delay_s=0.01)
     await messages[2].nack(requeue=False)
     acks.forget(messages[2])
     rest = [m for index, m in enumerate(messages) if index != 2]

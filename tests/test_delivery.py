@@ -10,18 +10,42 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 import trustme
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from standardwebhooks.webhooks import Webhook
 
 from tests.conftest import SECRET_A, Receiver, endpoint, make_settings
-from worker.delivery import EndpointClient, parse_retry_after
+from worker.delivery import AttemptResult, EndpointClient, parse_retry_after
+from worker.settings import Settings
 
 
 def client_for(url: str, **extra: object) -> EndpointClient:
     settings = make_settings("unused", [endpoint("ep", url, ["#"], **extra)])
     return EndpointClient(settings, settings.endpoints[0])
+
+
+async def attempt_once(settings: Settings, event_id: str, body: bytes = b"{}") -> AttemptResult:
+    """One attempt by a fresh client for the first endpoint of ``settings``."""
+    client = EndpointClient(settings, settings.endpoints[0])
+    try:
+        return await client.attempt(event_id, body)
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+def private_ca() -> tuple[trustme.CA, ssl.SSLContext]:
+    """A private CA and a server context presenting its certificate for 127.0.0.1."""
+    authority = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(context)
+    return authority, context
+
+
+async def ok(_: web.Request) -> web.Response:
+    return web.Response()
 
 
 async def test_attempt_posts_signed_body_with_contract_headers(receiver: Receiver) -> None:
@@ -86,26 +110,17 @@ async def test_transport_errors_are_classified() -> None:
     assert refused_result.status_class == "connection_error"
 
 
-async def test_untrusted_certificate_is_a_tls_error() -> None:
-    """Certificates are always verified: a self-signed endpoint fails with tls_error."""
-    authority = trustme.CA()
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    authority.issue_cert("127.0.0.1").configure_cert(context)
-
-    async def ok(_: web.Request) -> web.Response:
-        return web.Response()
-
-    async with serve(ok, ssl_context=context) as url:
+async def test_untrusted_certificate_is_a_tls_error(
+    private_ca: tuple[trustme.CA, ssl.SSLContext],
+) -> None:
+    """Certificates are always verified: an endpoint signed by an unknown CA is a tls_error."""
+    async with serve(ok, ssl_context=private_ca[1]) as url:
         settings = make_settings(
             "unused",
             [endpoint("tls", url, ["#"])],
             security={"require_https": True, "allow_private_networks": True},
         )
-        client = EndpointClient(settings, settings.endpoints[0])
-        try:
-            result = await client.attempt("evt-4", b"{}")
-        finally:
-            await client.close()
+        result = await attempt_once(settings, "evt-4")
     assert result.error == "tls_error"
 
 
@@ -217,28 +232,22 @@ async def test_deliveries_go_through_the_configured_proxy() -> None:
         [endpoint("via", "http://127.0.0.1:9/hook", ["#"])],
         delivery={"proxy_url": f"http://127.0.0.1:{proxy_port}"},
     )
-    client = EndpointClient(settings, settings.endpoints[0])
     try:
-        result = await client.attempt("evt-p1", b"{}")
+        result = await attempt_once(settings, "evt-p1")
     finally:
-        await client.close()
         server.close()
     assert result.status == 204
     assert seen[0].startswith(b"POST http://127.0.0.1:9/hook HTTP/1.1")
     assert b"webhook-signature: v1," in seen[0].lower()
 
 
-async def test_private_ca_bundle_is_trusted(tmp_path: Path) -> None:
+async def test_private_ca_bundle_is_trusted(
+    tmp_path: Path, private_ca: tuple[trustme.CA, ssl.SSLContext]
+) -> None:
     """security.ca_bundle lets Hookline verify endpoints signed by a private CA."""
-    authority = trustme.CA()
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    authority.issue_cert("127.0.0.1").configure_cert(context)
+    authority, context = private_ca
     bundle = tmp_path / "ca.pem"
     authority.cert_pem.write_to_path(str(bundle))
-
-    async def ok(_: web.Request) -> web.Response:
-        return web.Response()
-
     async with serve(ok, ssl_context=context) as url:
         settings = make_settings(
             "unused",
@@ -246,11 +255,7 @@ async def test_private_ca_bundle_is_trusted(tmp_path: Path) -> None:
             security={"require_https": True, "allow_private_networks": True,
                       "ca_bundle": str(bundle)},
         )  # fmt: skip
-        client = EndpointClient(settings, settings.endpoints[0])
-        try:
-            result = await client.attempt("evt-5", b"{}")
-        finally:
-            await client.close()
+        result = await attempt_once(settings, "evt-5")
     assert result.status == 200
 
 
