@@ -40,7 +40,9 @@ class Worker:
         self.health = HealthServer(
             self.metrics, self.is_ready, settings.metrics.host, settings.metrics.port
         )
-        self._stop_requested: asyncio.Event | None = None
+        # Created here, not in run(), so a signal that arrives while start-up is still
+        # being scheduled is not lost.
+        self._stop_requested = asyncio.Event()
         self._consume_connection: AbstractRobustConnection | None = None
         self._publish_connection: AbstractRobustConnection | None = None
         self._channels: list[AbstractChannel] = []
@@ -54,8 +56,7 @@ class Worker:
 
     def request_stop(self) -> None:
         """Safe to call from a signal handler: it only sets a flag."""
-        if self._stop_requested is not None:
-            self._stop_requested.set()
+        self._stop_requested.set()
 
     def is_ready(self) -> bool:
         return (
@@ -70,10 +71,9 @@ class Worker:
 
     @property
     def _stopping(self) -> bool:
-        return self._stop_requested is not None and self._stop_requested.is_set()
+        return self._stop_requested.is_set()
 
     async def run(self) -> None:
-        self._stop_requested = asyncio.Event()
         await self.health.start()
         log.info("worker_starting", metrics_port=self.health.port,
                  endpoints=[e.name for e in self.settings.endpoints],
@@ -91,7 +91,6 @@ class Worker:
 
     async def _connect_with_backoff(self) -> bool:
         """Connect both connections; False if a stop was requested before the broker answered."""
-        assert self._stop_requested is not None
         delay = CONNECT_RETRY_FIRST_S
         while not self._stopping:
             try:
