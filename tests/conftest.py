@@ -31,7 +31,7 @@ from tests.faults import BrokerControl, TcpProxy
 from worker.metrics import Metrics
 from worker.service import Worker
 from worker.settings import Settings, settings_from_document
-from worker.topology import exchange_names, queue_names
+from worker.topology import declare_all, exchange_names, queue_names
 
 AMQP_URL = os.environ.get("HOOKLINE_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
 SECRET_A = "whsec_" + base64.b64encode(b"a" * 32).decode()
@@ -214,6 +214,14 @@ class Broker:
             if time.monotonic() > deadline:
                 raise AssertionError(f"{queue_name} holds {depth} messages, not {expected}")
             await asyncio.sleep(0.05)
+
+    async def declare(self, settings: Settings) -> None:
+        """Declare everything a worker for ``settings`` would, without starting one."""
+        channel = await self.channel()
+        try:
+            await declare_all(channel, settings)
+        finally:
+            await channel.close()
 
     async def delete_all(self, settings: Settings) -> None:
         channel = await self.channel()

@@ -24,7 +24,7 @@ from tests.conftest import (
     write_config,
 )
 from worker.settings import settings_from_document
-from worker.topology import dead_letter_queue, declare_all, endpoint_queue
+from worker.topology import dead_letter_queue, endpoint_queue
 
 
 async def run(*args: str, timeout_s: float = 60) -> tuple[int, str, str]:
@@ -87,11 +87,7 @@ async def test_producer_cli_publishes_and_reports(
     config: Path, broker: Broker, exchange_name: str, tmp_path: Path
 ) -> None:
     """publish prints confirmed ids; --file publishes every line; unroutable and bad input fail."""
-    channel = await broker.connection.channel()
-    await declare_all(
-        channel, settings_from_document(yaml.safe_load(config.read_text()), config, {})
-    )
-    await channel.close()
+    await broker.declare(settings_from_document(yaml.safe_load(config.read_text()), config, {}))
     code, out, _ = await run(
         "-m",
         "producer",

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
+
+import pytest
 
 from producer import Publisher
 from tests.conftest import (
@@ -11,7 +14,6 @@ from tests.conftest import (
     Receiver,
     RunWorker,
     endpoint,
-    eventually,
     make_settings,
 )
 from worker import dlq
@@ -19,39 +21,40 @@ from worker.settings import Settings
 from worker.topology import dead_letter_queue
 
 
-async def fill(settings: Settings, receiver: Receiver, broker: Broker) -> list[str]:
-    """Publish 3 events that dead-letter at 'a' and 2 at 'b' (both answer 410)."""
-    receiver.script("/a", 410)
-    receiver.script("/b", 410)
-    async with Publisher(AMQP_URL, settings.broker.exchange) as publisher:
-        ids = [await publisher.publish("to.a", {"i": i}) for i in range(3)]
-        ids += [await publisher.publish("to.b", {"i": i}) for i in range(2)]
-    queue = dead_letter_queue(settings.broker.exchange)
-
-    async def all_dead() -> bool:
-        return await broker.depth(queue) == 5
-
-    await eventually(all_dead)
-    return ids
+@dataclass
+class Filled:
+    settings: Settings
+    ids: list[str]
 
 
-def two_endpoints(exchange: str, receiver: Receiver) -> Settings:
-    return make_settings(
-        exchange,
+@pytest.fixture
+async def filled(
+    exchange_name: str, receiver: Receiver, run_worker: RunWorker, broker: Broker
+) -> Filled:
+    """A running worker, and 3 dead letters of endpoint 'a' and 2 of 'b' (both answer 410)."""
+    settings = make_settings(
+        exchange_name,
         [
             endpoint("a", receiver.url("/a"), ["to.a"]),
             endpoint("b", receiver.url("/b"), ["to.b"]),
         ],
     )
+    await run_worker(settings)
+    receiver.script("/a", 410)
+    receiver.script("/b", 410)
+    async with Publisher(AMQP_URL, exchange_name) as publisher:
+        ids = [await publisher.publish("to.a", {"i": i}) for i in range(3)]
+        ids += [await publisher.publish("to.b", {"i": i}) for i in range(2)]
+    await broker.wait_depth(dead_letter_queue(exchange_name), 5, timeout_s=15)
+    return Filled(settings, ids)
 
 
 async def test_list_shows_fields_and_filters_without_consuming(
-    exchange_name: str, receiver: Receiver, run_worker: RunWorker, broker: Broker
+    filled: Filled, exchange_name: str, receiver: Receiver, broker: Broker
 ) -> None:
     """list shows id, type, endpoint, reason, attempts, last status, time; it removes nothing."""
-    settings = two_endpoints(exchange_name, receiver)
-    await run_worker(settings)
-    ids = await fill(settings, receiver, broker)
+    settings = filled.settings
+    ids = filled.ids
     letters = await dlq.list_dead_letters(settings)
     assert sorted(letter.event_id for letter in letters) == sorted(ids)
     first = next(letter for letter in letters if letter.endpoint == "a")
@@ -68,12 +71,10 @@ async def test_list_shows_fields_and_filters_without_consuming(
 
 
 async def test_replay_redelivers_with_fresh_attempts(
-    exchange_name: str, receiver: Receiver, run_worker: RunWorker, broker: Broker
+    filled: Filled, exchange_name: str, receiver: Receiver, broker: Broker
 ) -> None:
     """replay sends an endpoint's dead letters back to it as attempt 1 and removes them."""
-    settings = two_endpoints(exchange_name, receiver)
-    await run_worker(settings)
-    await fill(settings, receiver, broker)
+    settings = filled.settings
     receiver.script("/a", 200)
     report = await dlq.replay(settings, endpoint="a", limit=2)
     assert len(report.replayed) == 2
@@ -85,12 +86,9 @@ async def test_replay_redelivers_with_fresh_attempts(
 
 
 async def test_replay_leaves_letters_of_unknown_endpoints(
-    exchange_name: str, receiver: Receiver, run_worker: RunWorker, broker: Broker
+    filled: Filled, exchange_name: str, receiver: Receiver, broker: Broker
 ) -> None:
     """Dead letters of an endpoint no longer configured stay in the queue."""
-    settings = two_endpoints(exchange_name, receiver)
-    await run_worker(settings)
-    await fill(settings, receiver, broker)
     only_a = make_settings(exchange_name, [endpoint("a", receiver.url("/a"), ["to.a"])])
     receiver.script("/a", 200)
     report = await dlq.replay(only_a)
@@ -99,12 +97,10 @@ async def test_replay_leaves_letters_of_unknown_endpoints(
 
 
 async def test_purge_by_endpoint_and_all(
-    exchange_name: str, receiver: Receiver, run_worker: RunWorker, broker: Broker
+    filled: Filled, exchange_name: str, receiver: Receiver, broker: Broker
 ) -> None:
     """purge removes one endpoint's dead letters, or all of them."""
-    settings = two_endpoints(exchange_name, receiver)
-    await run_worker(settings)
-    await fill(settings, receiver, broker)
+    settings = filled.settings
     assert await dlq.purge(settings, endpoint="b") == 2
     await broker.wait_depth(dead_letter_queue(exchange_name), 3)
     assert await dlq.purge(settings) == 3

@@ -13,15 +13,13 @@ from examples.publish.plain_aio_pika import publish as plain_publish
 from producer import EventSpec, NotConfirmed, Publisher, Unroutable, parse_envelope
 from tests.conftest import AMQP_URL, Broker, endpoint, make_settings
 from tests.faults import BrokerControl
-from worker.topology import declare_all, endpoint_queue, unrouted_queue
+from worker.topology import endpoint_queue, unrouted_queue
 
 
 @pytest.fixture
 async def declared(broker: Broker, exchange_name: str):  # type: ignore[no-untyped-def]
     settings = make_settings(exchange_name, [endpoint("ep", "http://127.0.0.1/", ["order.*"])])
-    channel = await broker.connection.channel()
-    await declare_all(channel, settings)
-    await channel.close()
+    await broker.declare(settings)
     yield settings
     await broker.delete_all(settings)
 

@@ -18,7 +18,7 @@ from tests.conftest import (
 )
 from tests.faults import BrokerControl
 from worker.recorder import attempts_made, carried_headers
-from worker.topology import dead_letter_queue, declare_all
+from worker.topology import dead_letter_queue
 
 
 @pytest.mark.parametrize(
@@ -54,9 +54,7 @@ async def test_resource_alarm_never_acks_an_unconfirmed_retry(
         broker={"publish_timeout_s": 1},
         retry={"delays_s": [0.2]},
     )
-    channel = await broker.connection.channel()
-    await declare_all(channel, settings)
-    await channel.close()
+    await broker.declare(settings)
     ids = await publish_events(exchange_name, 50, "alarm.tick", alarm)
     endpoint_up = asyncio.Event()
     receiver.deciders["/ep"] = lambda _id, _n: 200 if endpoint_up.is_set() else 503

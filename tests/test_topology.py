@@ -49,9 +49,7 @@ async def test_declare_twice_is_idempotent(
     )
     try:
         for _ in range(2):
-            channel = await broker.connection.channel()
-            await declare_all(channel, settings)
-            await channel.close()
+            await broker.declare(settings)
         for name in queue_names(settings):
             assert await broker.depth(name) == 0
     finally:
@@ -90,9 +88,7 @@ async def test_conflicting_queue_type_is_a_clear_error(broker: Broker, exchange_
     )
     quorum = make_settings(exchange_name, [endpoint("a", "http://127.0.0.1/", ["#"])])
     try:
-        channel = await broker.connection.channel()
-        await declare_all(channel, classic)
-        await channel.close()
+        await broker.declare(classic)
         channel = await broker.connection.channel()
         with pytest.raises(TopologyConflict, match="dead-letter"):
             await declare_all(channel, quorum)
@@ -110,9 +106,7 @@ async def test_unrouted_events_from_other_clients_are_kept_bounded(
         broker={"unrouted_max_messages": 3},
     )
     try:
-        channel = await broker.connection.channel()
-        await declare_all(channel, settings)
-        await channel.close()
+        await broker.declare(settings)
         for index in range(5):
             await broker.publish(exchange_name, "nobody.listens", b'{"n": %d}' % index)
         messages = await broker.drain(unrouted_queue(exchange_name))
