@@ -140,13 +140,17 @@ def exchange_name() -> str:
 def make_document(
     exchange: str, endpoints: list[dict[str, Any]], **sections: Any
 ) -> dict[str, Any]:
-    """A config document for tests: loopback allowed, short delays, classic or quorum queues."""
+    """A config document for tests: loopback allowed, short delays, and neither circuit
+    breaker nor operational events unless a test turns them on (they change what a failing
+    endpoint's events do and what a ``#`` subscriber receives)."""
     document: dict[str, Any] = {
         "broker": {"url": AMQP_URL, "exchange": exchange, "publish_timeout_s": 5},
         "worker": {"shutdown_timeout_s": 5},
         "metrics": {"host": "127.0.0.1", "port": 0},
         "retry": {"delays_s": [0.2, 0.4]},
         "security": {"require_https": False, "allow_private_networks": True},
+        "circuit_breaker": {"enabled": False},
+        "operational_events": {"enabled": False},
         "endpoints": endpoints,
     }
     for name, values in sections.items():

@@ -1,8 +1,14 @@
-"""Consuming one endpoint's queue: parse, attempt, decide, record, then ack."""
+"""Consuming one endpoint's queue: parse, attempt, decide, record, then ack.
+
+The consumer also applies the endpoint's rate limit and acts on its circuit breaker: it
+cancels its subscription while the circuit is open and subscribes with a prefetch of one
+while it is half-open.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,9 +18,13 @@ from prometheus_client import Counter
 
 from producer.envelope import Envelope, parse_envelope
 from worker.acks import AckCoalescer
+from worker.circuit import CircuitBreaker, CircuitState, Transition
 from worker.delivery import AttemptResult, EndpointClient, invalid_envelope
 from worker.exceptions import InvalidEnvelope, PublishError
 from worker.metrics import Metrics
+from worker.opsevents import OperationalEvents
+from worker.ratelimit import TokenBucket
+from worker.recent import RecentOutcomes
 from worker.recorder import Recorder, attempts_made, settle
 from worker.retry import Action, Decision, decide
 from worker.settings import EndpointSettings, Settings
@@ -43,18 +53,35 @@ class EndpointConsumer:
         client: EndpointClient,
         recorder: Recorder,
         metrics: Metrics,
+        operational_events: OperationalEvents,
     ) -> None:
         self._settings = settings
+        self.endpoint = endpoint
         self._endpoint = endpoint
         self._channel = channel
         self._client = client
         self._recorder = recorder
         self._metrics = metrics
+        self._operational_events = operational_events
         self._log = structlog.get_logger("hookline.delivery").bind(endpoint=endpoint.name)
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
+        self._started = False
         self._stopping = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Circuit changes and cool-down timers; kept so that shutdown can cancel them.
+        self._control_tasks: set[asyncio.Task[None]] = set()
+        self._subscription_lock = asyncio.Lock()
+        self._prefetch = settings.max_in_flight_for(endpoint)
+        breaker = settings.circuit_breaker
+        self.breaker = CircuitBreaker(breaker) if breaker.enabled else None
+        self._circuit_state = metrics.circuit_state.labels(endpoint=endpoint.name)
+        self._circuit_state.set(CircuitState.CLOSED.value)
+        self._rate_limit = (
+            TokenBucket(endpoint.rate_limit_per_s) if endpoint.rate_limit_per_s else None
+        )
+        self._rate_limited = metrics.rate_limited.labels(endpoint=endpoint.name)
+        self.recent = RecentOutcomes()
         self._acks = AckCoalescer()
         self._in_flight = metrics.in_flight.labels(endpoint=endpoint.name)
         self._duration = metrics.duration.labels(endpoint=endpoint.name)
@@ -67,31 +94,61 @@ class EndpointConsumer:
         self._status_classes: dict[str, Counter] = {}
 
     @property
-    def consuming(self) -> bool:
-        return self._consumer_tag is not None and not self._stopping
+    def running(self) -> bool:
+        """Started and not stopping; an open circuit is a running consumer's choice."""
+        return self._started and not self._stopping
+
+    @property
+    def circuit_state(self) -> CircuitState:
+        return self.breaker.state if self.breaker is not None else CircuitState.CLOSED
+
+    @property
+    def queue(self) -> AbstractQueue | None:
+        return self._queue
 
     @property
     def in_flight_tasks(self) -> set[asyncio.Task[Any]]:
         return set(self._tasks)
 
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
     async def start(self) -> None:
         # Declared on this channel so the robust channel re-declares it after a reconnect.
-        self._queue = await declare_endpoint(self._channel, self._settings, self._endpoint)
-        await self._channel.set_qos(prefetch_count=self._settings.max_in_flight_for(self._endpoint))
-        self._consumer_tag = await self._queue.consume(self._on_message)
+        self._queue = await declare_endpoint(self._channel, self._settings, self.endpoint)
+        await self._subscribe(self._prefetch)
+        self._started = True
 
     async def stop_consuming(self) -> None:
         """Stop taking new messages; any that still arrive go back to the queue."""
         self._stopping = True
-        if self._queue is not None and self._consumer_tag is not None:
+        for task in self._control_tasks:
+            task.cancel()
+        await asyncio.gather(*self._control_tasks, return_exceptions=True)
+        await self._unsubscribe()
+
+    async def _subscribe(self, prefetch: int) -> None:
+        assert self._queue is not None
+        # basic.qos applies to consumers started after it, hence always before consume.
+        await self._channel.set_qos(prefetch_count=prefetch)
+        self._consumer_tag = await self._queue.consume(self._on_message)
+
+    async def _unsubscribe(self) -> None:
+        tag, self._consumer_tag = self._consumer_tag, None
+        if self._queue is not None and tag is not None:
             try:
-                await self._queue.cancel(self._consumer_tag)
+                await self._queue.cancel(tag)
             except Exception as exc:  # noqa: BLE001 - broker may already be gone; nothing to cancel
                 self._log.warning("consumer_cancel_failed", error=exc.__class__.__name__)
 
+    def _holding_back(self) -> bool:
+        return self._stopping or self.circuit_state is CircuitState.OPEN
+
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self._acks.started(message)
-        if self._stopping:
+        if self._holding_back():
+            # Prefetched before the consumer was cancelled: back to the queue, unattempted.
             await self._requeue(message)
             return
         task = asyncio.current_task()
@@ -118,12 +175,18 @@ class EndpointConsumer:
             log = log.bind(message_id=message.message_id)
         else:
             log = log.bind(event_id=envelope.id, event_type=envelope.type)
+            if self._rate_limit is not None:
+                if await self._rate_limit.acquire():
+                    self._rate_limited.inc()
+                if self._holding_back():
+                    await self._requeue(message)
+                    return
             result = await self._attempt(envelope, message.body)
         decision = decide(result, attempt, self._settings.retry)
         try:
             await self._record(message, decision, result, attempt)
         except PublishError as exc:
-            self._metrics.record_failures.labels(endpoint=self._endpoint.name).inc()
+            self._metrics.record_failures.labels(endpoint=self.endpoint.name).inc()
             log.warning(
                 "delivery_outcome_not_recorded",
                 status=result.last_status,
@@ -134,6 +197,73 @@ class EndpointConsumer:
             await self._requeue(message)
             return
         self._observe(decision, result, envelope, log)
+        if decision.action is Action.DEAD_LETTER:
+            assert decision.reason is not None
+            self._operational_events.event_dead_lettered(
+                self.endpoint.name,
+                event_id=envelope.id if envelope is not None else message.message_id,
+                event_type=envelope.type if envelope is not None else None,
+                reason=decision.reason.value,
+                attempts=attempt,
+                last_status=result.last_status,
+            )
+        if result.error != "invalid_envelope":
+            self._count(result)
+
+    def _count(self, result: AttemptResult) -> None:
+        """Feed one attempt's result to the recent rates and the circuit breaker."""
+        self.recent.record(result.delivered)
+        if self.breaker is None:
+            return
+        transition = self.breaker.record(result.delivered)
+        if transition is not None:
+            self._control(self._on_transition(transition, result.last_status))
+
+    def _control(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._control_tasks.add(task)
+        task.add_done_callback(self._control_tasks.discard)
+
+    async def _on_transition(self, transition: Transition, last_status: str) -> None:
+        async with self._subscription_lock:
+            if self._stopping:
+                return
+            self._circuit_state.set(transition.new.value)
+            if transition.new is CircuitState.OPEN:
+                await self._unsubscribe()
+                self._log.warning(
+                    "circuit_opened",
+                    previous_state=transition.old.label,
+                    consecutive_failures=transition.consecutive_failures,
+                    last_status=last_status,
+                    cooldown_s=transition.cooldown_s,
+                )
+                if transition.old is CircuitState.CLOSED:
+                    self._operational_events.endpoint_failing(
+                        self.endpoint.name,
+                        consecutive_failures=transition.consecutive_failures,
+                        last_status=last_status,
+                        cooldown_s=transition.cooldown_s,
+                    )
+                self._control(self._probe_after(transition.cooldown_s))
+            elif transition.new is CircuitState.CLOSED:
+                await self._unsubscribe()
+                await self._subscribe(self._prefetch)
+                outage_s = round(transition.outage_s or 0.0, 3)
+                self._log.info("circuit_closed", outage_s=outage_s)
+                self._operational_events.endpoint_recovered(
+                    self.endpoint.name, outage_s=transition.outage_s
+                )
+
+    async def _probe_after(self, cooldown_s: float) -> None:
+        await asyncio.sleep(cooldown_s)
+        async with self._subscription_lock:
+            if self._stopping or self.breaker is None:
+                return
+            transition = self.breaker.half_open()
+            self._circuit_state.set(transition.new.value)
+            self._log.info("circuit_half_open", cooldown_s=cooldown_s)
+            await self._subscribe(1)
 
     async def _attempt(self, envelope: Envelope, body: bytes) -> AttemptResult:
         self._in_flight.inc()
@@ -146,7 +276,7 @@ class EndpointConsumer:
         counter = self._status_classes.get(result.status_class)
         if counter is None:
             counter = self._metrics.attempts.labels(
-                endpoint=self._endpoint.name, status_class=result.status_class
+                endpoint=self.endpoint.name, status_class=result.status_class
             )
             self._status_classes[result.status_class] = counter
         counter.inc()
@@ -162,13 +292,13 @@ class EndpointConsumer:
         if decision.action is Action.RETRY:
             assert decision.delay_s is not None
             await self._recorder.schedule_retry(
-                message, self._endpoint.name, attempt, decision.delay_s
+                message, self.endpoint.name, attempt, decision.delay_s
             )
         elif decision.action is Action.DEAD_LETTER:
             assert decision.reason is not None
             await self._recorder.dead_letter(
                 message,
-                endpoint=self._endpoint.name,
+                endpoint=self.endpoint.name,
                 reason=decision.reason,
                 attempts=attempt if result.error != "invalid_envelope" else attempt - 1,
                 last_status=result.last_status,
@@ -210,6 +340,6 @@ class EndpointConsumer:
             assert decision.reason is not None
             fields["reason"] = decision.reason.value
             self._metrics.dead_lettered.labels(
-                endpoint=self._endpoint.name, reason=decision.reason.value
+                endpoint=self.endpoint.name, reason=decision.reason.value
             ).inc()
         log.warning(OUTCOME_EVENTS[decision.action], **fields)

@@ -1,8 +1,11 @@
-"""Polling queue depths from the broker into gauges, for dashboards and alerts."""
+"""Polling queue depths from the broker into gauges and a snapshot for the status page."""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
@@ -15,16 +18,34 @@ from worker.topology import dead_letter_queue, delay_queue, endpoint_queue, unro
 log = structlog.get_logger("hookline.depths")
 
 
+@dataclass(slots=True)
+class QueueDepths:
+    """The last poll's figures; ``None`` until the first poll succeeded."""
+
+    dead_letter: int | None = None
+    unrouted: int | None = None
+    backlog: dict[str, int] = field(default_factory=dict)
+    retry_waiting: dict[str, int] = field(default_factory=dict)
+    polled_at: float | None = None  # time.time() of the last successful poll
+
+
 async def poll_depths(
-    connection: AbstractRobustConnection, settings: Settings, metrics: Metrics
+    connection: AbstractRobustConnection,
+    current_settings: Callable[[], Settings],
+    metrics: Metrics,
+    depths: QueueDepths,
 ) -> None:
-    """Every ``metrics.queue_poll_s``, record each queue's depth; runs until cancelled."""
+    """Every ``metrics.queue_poll_s``, record each queue's depth; runs until cancelled.
+
+    Settings are read afresh on each round, so endpoints added by a reload are polled too.
+    """
     while True:
+        settings = current_settings()
         try:
             # A fresh channel each time: a failed passive declare closes its channel.
             channel = await connection.channel()
             try:
-                await _poll_once(channel, settings, metrics)
+                await _poll_once(channel, settings, metrics, depths)
             finally:
                 await channel.close()
         except asyncio.CancelledError:
@@ -34,19 +55,28 @@ async def poll_depths(
         await asyncio.sleep(settings.metrics.queue_poll_s)
 
 
-async def _poll_once(channel: AbstractChannel, settings: Settings, metrics: Metrics) -> None:
+async def _poll_once(
+    channel: AbstractChannel, settings: Settings, metrics: Metrics, depths: QueueDepths
+) -> None:
     exchange = settings.broker.exchange
-    metrics.dead_letter_depth.set(await _depth(channel, dead_letter_queue(exchange)))
-    metrics.unrouted_depth.set(await _depth(channel, unrouted_queue(exchange)))
+    dead_letter = await _depth(channel, dead_letter_queue(exchange))
+    unrouted = await _depth(channel, unrouted_queue(exchange))
+    backlog: dict[str, int] = {}
+    retry_waiting: dict[str, int] = {}
     for endpoint in settings.endpoints:
         name = endpoint.name
-        metrics.backlog.labels(endpoint=name).set(
-            await _depth(channel, endpoint_queue(exchange, name))
-        )
-        waiting = 0
+        backlog[name] = await _depth(channel, endpoint_queue(exchange, name))
+        retry_waiting[name] = 0
         for delay in delay_tiers(settings.retry):
-            waiting += await _depth(channel, delay_queue(exchange, name, delay))
-        metrics.retry_waiting.labels(endpoint=name).set(waiting)
+            retry_waiting[name] += await _depth(channel, delay_queue(exchange, name, delay))
+    metrics.dead_letter_depth.set(dead_letter)
+    metrics.unrouted_depth.set(unrouted)
+    for name, count in backlog.items():
+        metrics.backlog.labels(endpoint=name).set(count)
+        metrics.retry_waiting.labels(endpoint=name).set(retry_waiting[name])
+    depths.dead_letter, depths.unrouted = dead_letter, unrouted
+    depths.backlog, depths.retry_waiting = backlog, retry_waiting
+    depths.polled_at = time.time()
 
 
 async def _depth(channel: AbstractChannel, name: str) -> int:

@@ -63,6 +63,18 @@ class Metrics:
             ["endpoint"],
             registry=r,
         )
+        self.circuit_state = Gauge(
+            "webhook_endpoint_circuit_state",
+            "This worker's circuit breaker for the endpoint: 0 closed, 1 open, 2 half-open.",
+            ["endpoint"],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "webhook_rate_limit_waits",
+            "Attempts that waited for the endpoint's rate limit.",
+            ["endpoint"],
+            registry=r,
+        )
         self.broker_connected = Gauge(
             "webhook_broker_connected",
             "1 while the worker's broker connections are up.",
@@ -116,3 +128,13 @@ class Metrics:
         self.record_failures.labels(endpoint=endpoint)
         self.duration.labels(endpoint=endpoint)
         self.end_to_end.labels(endpoint=endpoint)
+        self.circuit_state.labels(endpoint=endpoint)
+        self.rate_limited.labels(endpoint=endpoint)
+
+    def forget_endpoint(self, endpoint: str) -> None:
+        """Drop a removed endpoint's gauges, so dashboards do not show stale depths."""
+        for gauge in (self.in_flight, self.circuit_state, self.backlog, self.retry_waiting):
+            try:
+                gauge.remove(endpoint)
+            except KeyError:
+                continue

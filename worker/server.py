@@ -1,8 +1,11 @@
-"""The metrics port: ``/metrics``, ``/healthz`` and ``/readyz``."""
+"""The metrics port: ``/metrics``, ``/healthz``, ``/readyz``, and the read-only status page
+at ``/`` with its data at ``/status.json``."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from importlib import resources
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -10,11 +13,28 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from worker.exceptions import ListenError
 from worker.metrics import Metrics
 
+STATUS_PAGE = resources.files("worker").joinpath("status_page.html")
+# The page is self-contained (inline CSS and script): nothing may load from elsewhere.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+    "script-src 'unsafe-inline'; connect-src 'self'; img-src data:",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+}
+
 
 class HealthServer:
-    def __init__(self, metrics: Metrics, is_ready: Callable[[], bool], host: str, port: int):
+    def __init__(
+        self,
+        metrics: Metrics,
+        is_ready: Callable[[], bool],
+        host: str,
+        port: int,
+        status: Callable[[], dict[str, Any]] | None = None,
+    ):
         self._metrics = metrics
         self._is_ready = is_ready
+        self._status = status
         self._host = host
         self._port = port
         self._runner: web.AppRunner | None = None
@@ -25,6 +45,9 @@ class HealthServer:
         app.router.add_get("/metrics", self._metrics_page)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
+        if self._status is not None:
+            app.router.add_get("/", self._status_page)
+            app.router.add_get("/status.json", self._status_json)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
@@ -57,3 +80,12 @@ class HealthServer:
         return web.json_response(
             {"status": "ready" if ready else "not ready"}, status=200 if ready else 503
         )
+
+    async def _status_page(self, _: web.Request) -> web.Response:
+        return web.Response(
+            text=STATUS_PAGE.read_text("utf-8"), content_type="text/html", headers=PAGE_HEADERS
+        )
+
+    async def _status_json(self, _: web.Request) -> web.Response:
+        assert self._status is not None
+        return web.json_response(self._status(), headers={"Cache-Control": "no-store"})

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
@@ -12,18 +14,33 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from producer.connection import connect
+from producer.exchange import declare_exchange
 from worker.consumer import EndpointConsumer
 from worker.delivery import EndpointClient
-from worker.depths import poll_depths
+from worker.depths import QueueDepths, poll_depths
+from worker.exceptions import ConfigError
 from worker.metrics import Metrics
+from worker.opsevents import OperationalEvents
 from worker.recorder import Recorder
 from worker.server import HealthServer
-from worker.settings import Settings
-from worker.topology import declare_dead_letter_queue, declare_unrouted_queue
+from worker.settings import EndpointSettings, Settings
+from worker.status import build_status
+from worker.topology import declare_dead_letter_queue, declare_unrouted_queue, unbind_patterns
 
 CONNECT_RETRY_FIRST_S = 0.5
 
+# Sections a running worker cannot change; a reload keeps the old ones and says so.
+RESTART_ONLY_SECTIONS = ("broker", "metrics", "worker")
+
 log = structlog.get_logger("hookline.worker")
+
+
+@dataclass(slots=True)
+class RunningEndpoint:
+    endpoint: EndpointSettings
+    channel: AbstractChannel
+    client: EndpointClient
+    consumer: EndpointConsumer
 
 
 class Worker:
@@ -32,31 +49,56 @@ class Worker:
     Shutdown order: stop consuming, let in-flight deliveries finish (bounded by
     ``worker.shutdown_timeout_s``), close the HTTP sessions, the channels (unacked
     messages return to their queues), then the connections.
+
+    :meth:`request_reload` (SIGHUP) re-reads the config through ``load_settings`` and
+    applies endpoint changes without dropping or duplicating in-flight deliveries.
     """
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        load_settings: Callable[[], Settings] | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics if metrics is not None else Metrics()
+        self._load_settings = load_settings
+        self.depths = QueueDepths()
         self.health = HealthServer(
-            self.metrics, self.is_ready, settings.metrics.host, settings.metrics.port
+            self.metrics,
+            self.is_ready,
+            settings.metrics.host,
+            settings.metrics.port,
+            status=self.status,
         )
         # Created here, not in run(), so a signal that arrives while start-up is still
         # being scheduled is not lost.
         self._stop_requested = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._reload_requested = False
         self._consume_connection: AbstractRobustConnection | None = None
         self._publish_connection: AbstractRobustConnection | None = None
-        self._channels: list[AbstractChannel] = []
-        self._clients: list[EndpointClient] = []
-        self._consumers: list[EndpointConsumer] = []
+        self._publish_channel: AbstractChannel | None = None
+        self._recorder: Recorder | None = None
+        self._operational_events: OperationalEvents | None = None
+        self._running: dict[str, RunningEndpoint] = {}
         self._started = False
         self._closing = False  # set while the worker closes its own connections
         self._background: set[asyncio.Task[None]] = set()
+        # Consumers replaced or removed by a reload, finishing their in-flight deliveries.
+        self._retiring: set[asyncio.Task[None]] = set()
         for endpoint in settings.endpoints:
             self.metrics.register_endpoint(endpoint.name)
 
     def request_stop(self) -> None:
-        """Safe to call from a signal handler: it only sets a flag."""
+        """Safe to call from a signal handler: it only sets flags."""
         self._stop_requested.set()
+        self._wake.set()
+
+    def request_reload(self) -> None:
+        """Safe to call from a signal handler: it only sets flags."""
+        self._reload_requested = True
+        self._wake.set()
 
     def is_ready(self) -> bool:
         return (
@@ -66,7 +108,16 @@ class Worker:
                 connection is not None and connection.connected.is_set()
                 for connection in (self._consume_connection, self._publish_connection)
             )
-            and all(consumer.consuming for consumer in self._consumers)
+            and all(running.consumer.running for running in self._running.values())
+        )
+
+    def status(self) -> dict[str, Any]:
+        """What the status page shows; no URLs beyond hosts, no secrets."""
+        return build_status(
+            self.settings,
+            [running.consumer for running in self._running.values()],
+            self.depths,
+            ready=self.is_ready(),
         )
 
     @property
@@ -84,7 +135,12 @@ class Worker:
                 self._started = True
                 self.metrics.ready.set(1)
                 log.info("worker_consuming", broker=self.settings.broker.masked_url)
-                await self._stop_requested.wait()
+                while not self._stopping:
+                    await self._wake.wait()
+                    self._wake.clear()
+                    if self._reload_requested and not self._stopping:
+                        self._reload_requested = False
+                        await self.reload()
         finally:
             await self._shutdown()
             await self.health.stop()
@@ -130,41 +186,147 @@ class Worker:
         log.info("broker_reconnected")
 
     async def _start_consumers(self) -> None:
-        assert self._consume_connection is not None
         assert self._publish_connection is not None
         publish_channel = await self._publish_connection.channel(
             publisher_confirms=True, on_return_raises=True
         )
-        self._channels.append(publish_channel)
+        self._publish_channel = publish_channel
         await declare_dead_letter_queue(publish_channel, self.settings)
         await declare_unrouted_queue(publish_channel, self.settings)
-        recorder = Recorder(
+        self._recorder = Recorder(
             self.settings.broker.exchange,
             publish_channel.default_exchange,
             self.settings.broker.publish_timeout_s,
         )
+        self._operational_events = OperationalEvents(
+            await declare_exchange(publish_channel, self.settings.broker.exchange),
+            self.settings.broker.publish_timeout_s,
+            enabled=self.settings.operational_events.enabled,
+        )
         for endpoint in self.settings.endpoints:
-            channel = await self._consume_connection.channel()
-            self._channels.append(channel)
-            client = EndpointClient(self.settings, endpoint)
-            self._clients.append(client)
-            consumer = EndpointConsumer(
-                settings=self.settings,
-                endpoint=endpoint,
-                channel=channel,
-                client=client,
-                recorder=recorder,
-                metrics=self.metrics,
-            )
-            self._consumers.append(consumer)
-            await consumer.start()
+            await self._start_endpoint(endpoint)
         self.metrics.broker_connected.set(1)
         self._background.add(
             asyncio.create_task(
-                poll_depths(self._publish_connection, self.settings, self.metrics),
+                poll_depths(
+                    self._publish_connection, lambda: self.settings, self.metrics, self.depths
+                ),
                 name="poll-queue-depths",
             )
         )
+
+    async def _start_endpoint(self, endpoint: EndpointSettings) -> None:
+        assert self._consume_connection is not None
+        assert self._recorder is not None
+        assert self._operational_events is not None
+        channel = await self._consume_connection.channel()
+        client = EndpointClient(self.settings, endpoint)
+        consumer = EndpointConsumer(
+            settings=self.settings,
+            endpoint=endpoint,
+            channel=channel,
+            client=client,
+            recorder=self._recorder,
+            metrics=self.metrics,
+            operational_events=self._operational_events,
+        )
+        self._running[endpoint.name] = RunningEndpoint(endpoint, channel, client, consumer)
+        await consumer.start()
+
+    async def reload(self) -> None:
+        """Apply a re-read config: endpoints added, removed or changed; or keep the old one."""
+        if self._load_settings is None:
+            log.warning("config_reload_unavailable")
+            return
+        try:
+            loaded = self._load_settings()
+        except ConfigError as exc:
+            log.error("config_reload_rejected", error=str(exc), kept="previous config")
+            return
+        kept = [name for name in RESTART_ONLY_SECTIONS
+                if getattr(loaded, name) != getattr(self.settings, name)]  # fmt: skip
+        if kept:
+            log.warning("config_reload_needs_restart", sections=kept)
+        new = loaded.model_copy(update={name: getattr(self.settings, name) for name in kept})
+        old, self.settings = self.settings, new
+        assert self._operational_events is not None
+        self._operational_events.enabled = new.operational_events.enabled
+        names = {endpoint.name for endpoint in new.endpoints}
+        removed = [name for name in self._running if name not in names]
+        added: list[str] = []
+        changed: list[str] = []
+        for name in removed:
+            await self._remove_endpoint(name)
+        for endpoint in new.endpoints:
+            running = self._running.get(endpoint.name)
+            if running is None:
+                self.metrics.register_endpoint(endpoint.name)
+                await self._start_endpoint(endpoint)
+                added.append(endpoint.name)
+            elif _delivery_settings(old, running.endpoint) != _delivery_settings(new, endpoint):
+                await self._replace_endpoint(running, endpoint)
+                changed.append(endpoint.name)
+        log.info("config_reloaded", added=added, removed=removed, changed=changed,
+                 unchanged=len(names) - len(added) - len(changed))  # fmt: skip
+
+    async def _replace_endpoint(self, running: RunningEndpoint, endpoint: EndpointSettings) -> None:
+        """Stop the old consumer, start the new one, and let the old one finish its work.
+
+        Messages the old consumer had not started go back to the queue unattempted and
+        reach the new one; those it had started finish under the old settings, so nothing
+        is attempted twice or dropped.
+        """
+        await running.consumer.stop_consuming()
+        dropped = set(running.endpoint.events) - set(endpoint.events)
+        if dropped and running.consumer.queue is not None:
+            await unbind_patterns(running.consumer.queue, self.settings.broker.exchange, dropped)
+        self._retire(running)
+        await self._start_endpoint(endpoint)
+
+    async def _remove_endpoint(self, name: str) -> None:
+        """Unbind it so no new events queue up, and leave what is queued where it is."""
+        running = self._running.pop(name)
+        await running.consumer.stop_consuming()
+        queued: int | None = None
+        if running.consumer.queue is not None:
+            await unbind_patterns(
+                running.consumer.queue, self.settings.broker.exchange, running.endpoint.events
+            )
+            with contextlib.suppress(Exception):
+                queued = (await running.channel.declare_queue(
+                    running.consumer.queue.name, passive=True
+                )).declaration_result.message_count  # fmt: skip
+        self._retire(running)
+        self.metrics.forget_endpoint(name)
+        log.warning("endpoint_removed", endpoint=name, queued=queued,
+                    hint="its queue and delay queues are kept: re-add the endpoint to deliver "
+                    "them, or `python -m worker dlq retire` to move them to the dead-letter "
+                    "queue")  # fmt: skip
+
+    def _retire(self, running: RunningEndpoint) -> None:
+        task = asyncio.create_task(self._finish(running), name=f"retire-{running.endpoint.name}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _finish(self, running: RunningEndpoint) -> None:
+        await self._drain(running.consumer.in_flight_tasks)
+        await running.client.close()
+        await _close_quietly(running.channel)
+
+    async def _drain(self, in_flight: set[asyncio.Task[Any]]) -> None:
+        if not in_flight:
+            return
+        log.info("worker_draining", in_flight=len(in_flight),
+                 timeout_s=self.settings.worker.shutdown_timeout_s)  # fmt: skip
+        _, unfinished = await asyncio.wait(
+            in_flight, timeout=self.settings.worker.shutdown_timeout_s
+        )
+        for task in unfinished:
+            task.cancel()
+        if unfinished:
+            # Their messages were not acked, so the broker hands them out again.
+            log.warning("worker_drain_timed_out", abandoned=len(unfinished))
+            await asyncio.wait(unfinished, timeout=5)
 
     async def _shutdown(self) -> None:
         self._closing = True
@@ -172,25 +334,19 @@ class Worker:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        for consumer in self._consumers:
-            await consumer.stop_consuming()
-        in_flight = set().union(*(consumer.in_flight_tasks for consumer in self._consumers))
-        if in_flight:
-            log.info("worker_draining", in_flight=len(in_flight),
-                     timeout_s=self.settings.worker.shutdown_timeout_s)  # fmt: skip
-            _, unfinished = await asyncio.wait(
-                in_flight, timeout=self.settings.worker.shutdown_timeout_s
-            )
-            for task in unfinished:
-                task.cancel()
-            if unfinished:
-                # Their messages were not acked, so the broker hands them out again.
-                log.warning("worker_drain_timed_out", abandoned=len(unfinished))
-                await asyncio.wait(unfinished, timeout=5)
-        for client in self._clients:
-            await client.close()
-        for channel in reversed(self._channels):
-            await _close_quietly(channel)
+        running = list(self._running.values())
+        for each in running:
+            await each.consumer.stop_consuming()
+        await self._drain(set().union(*(each.consumer.in_flight_tasks for each in running)))
+        await asyncio.gather(*self._retiring, return_exceptions=True)
+        if self._operational_events is not None:
+            await self._operational_events.close(self.settings.broker.publish_timeout_s)
+        for each in running:
+            await each.client.close()
+        for each in reversed(running):
+            await _close_quietly(each.channel)
+        if self._publish_channel is not None:
+            await _close_quietly(self._publish_channel)
         await self._close_connections()
         self.metrics.broker_connected.set(0)
         log.info("worker_stopped")
@@ -200,6 +356,12 @@ class Worker:
             if connection is not None:
                 await _close_quietly(connection)
         self._consume_connection = self._publish_connection = None
+
+
+def _delivery_settings(settings: Settings, endpoint: EndpointSettings) -> tuple[Any, ...]:
+    """Everything a consumer was built from: if any differs, the consumer is replaced."""
+    return (endpoint, settings.delivery, settings.retry, settings.security,
+            settings.circuit_breaker)  # fmt: skip
 
 
 async def _close_quietly(closable: AbstractChannel | AbstractRobustConnection) -> None:

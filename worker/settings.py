@@ -123,6 +123,29 @@ class SecuritySettings(Model):
         return value
 
 
+class CircuitBreakerSettings(Model):
+    """Per worker and endpoint: after ``failure_threshold`` failed attempts in a row the
+    worker stops consuming that endpoint for a cool-down that doubles on every failed probe
+    up to ``max_cooldown_s``."""
+
+    enabled: bool = True
+    failure_threshold: int = Field(default=10, ge=1)
+    cooldown_s: PositiveSeconds = 30.0
+    max_cooldown_s: PositiveSeconds = 600.0
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> CircuitBreakerSettings:
+        if self.max_cooldown_s < self.cooldown_s:
+            raise ValueError("max_cooldown_s must be at least cooldown_s")
+        return self
+
+
+class OperationalEventsSettings(Model):
+    """Hookline's own events (``hookline.endpoint.failing`` and others) on the exchange."""
+
+    enabled: bool = True
+
+
 class EndpointSettings(Model):
     name: str
     url: str
@@ -131,6 +154,7 @@ class EndpointSettings(Model):
     secret_env: str | tuple[str, ...] | None = None
     timeout_s: PositiveSeconds | None = None
     max_in_flight: int | None = Field(default=None, ge=1, le=1000)
+    rate_limit_per_s: float | None = Field(default=None, gt=0, le=100_000)
     headers: dict[str, str] = Field(default_factory=dict)
 
     _signing_keys: tuple[SigningKey, ...] = PrivateAttr(default=())
@@ -238,6 +262,8 @@ class Settings(Model):
     delivery: DeliverySettings = DeliverySettings()
     retry: RetrySettings = RetrySettings()
     security: SecuritySettings = SecuritySettings()
+    circuit_breaker: CircuitBreakerSettings = CircuitBreakerSettings()
+    operational_events: OperationalEventsSettings = OperationalEventsSettings()
     endpoints: tuple[EndpointSettings, ...] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -17,7 +17,7 @@ worker (with confirms) instead of routed by the broker.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from typing import Any, TypeVar
 
 import aiormq
@@ -168,3 +168,9 @@ async def declare_all(channel: AbstractChannel, settings: Settings) -> None:
     await declare_unrouted_queue(channel, settings)
     for endpoint in settings.endpoints:
         await declare_endpoint(channel, settings, endpoint)
+
+
+async def unbind_patterns(queue: AbstractQueue, exchange: str, patterns: Iterable[str]) -> None:
+    """Through the queue object that bound them, so a robust channel forgets them too."""
+    for pattern in patterns:
+        await queue.unbind(exchange, routing_key=pattern)
