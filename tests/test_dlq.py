@@ -65,8 +65,8 @@ async def test_list_shows_fields_and_filters_without_consuming(
         "410",
     )
     assert first.dead_lettered_at.startswith("20")
-    assert len(await dlq.list_dead_letters(settings, endpoint="b")) == 2
-    assert len(await dlq.list_dead_letters(settings, limit=2)) == 2
+    assert len(await dlq.list_dead_letters(settings, dlq.Selection(endpoint="b"))) == 2
+    assert len(await dlq.list_dead_letters(settings, dlq.Selection(limit=2))) == 2
     await broker.wait_depth(dead_letter_queue(exchange_name), 5)
 
 
@@ -76,7 +76,7 @@ async def test_replay_redelivers_with_fresh_attempts(
     """replay sends an endpoint's dead letters back to it as attempt 1 and removes them."""
     settings = filled.settings
     receiver.script("/a", 200)
-    report = await dlq.replay(settings, endpoint="a", limit=2)
+    report = await dlq.replay(settings, dlq.Selection(endpoint="a", limit=2))
     assert len(report.replayed) == 2
     await receiver.wait_for(lambda: len(receiver.on("/a")) == 5)
     await asyncio.sleep(0.3)
@@ -101,7 +101,7 @@ async def test_purge_by_endpoint_and_all(
 ) -> None:
     """purge removes one endpoint's dead letters, or all of them."""
     settings = filled.settings
-    assert await dlq.purge(settings, endpoint="b") == 2
+    assert await dlq.purge(settings, dlq.Selection(endpoint="b")) == 2
     await broker.wait_depth(dead_letter_queue(exchange_name), 3)
     assert await dlq.purge(settings) == 3
     await broker.wait_depth(dead_letter_queue(exchange_name), 0)

@@ -10,16 +10,19 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from worker import dlq
+from worker import cli_dlq
 from worker.exceptions import ConfigError, HooklineError, ListenError, TopologyConflict
+from worker.inspect import run_status
 from worker.logs import configure_logging
 from worker.retry import delay_tiers
+from worker.sendtest import run_send_test
 from worker.service import Worker
 from worker.settings import Settings, load_settings
 from worker.topology import dead_letter_queue, delay_queue, endpoint_queue
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,44 +30,32 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text)
+        sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("--config", type=Path, default=Path("config.yaml"))
         return sub
 
-    command("run", "deliver until SIGTERM or SIGINT")
+    command("run", "deliver until SIGTERM or SIGINT; SIGHUP reloads the config")
     command("check-config", "validate the config and print endpoints and bindings")
-    dlq_parser = commands.add_parser("dlq", help="inspect, replay or purge dead letters")
-    dlq_commands = dlq_parser.add_subparsers(dest="dlq_command", required=True)
-    for name, help_text in (
-        ("list", "show dead letters"),
-        ("replay", "send dead letters back to their endpoint with fresh attempts"),
-        ("purge", "delete dead letters"),
-    ):
-        sub = dlq_commands.add_parser(name, help=help_text)
-        sub.add_argument("--config", type=Path, default=Path("config.yaml"))
-        sub.add_argument("--endpoint", help="only this endpoint's dead letters")
-        sub.add_argument("--limit", type=_positive_int, help="at most this many")
-        if name == "purge":
-            sub.add_argument("--yes", action="store_true", help="really delete")
+    status = command("status", "queue depths, consumers, circuits and dead letters per endpoint")
+    status.add_argument("--worker", action="append", default=None, metavar="URL",
+                        help="a worker's metrics address to read circuit states from "
+                        "(repeatable; default: this host's metrics.port)")  # fmt: skip
+    status.add_argument("--scan-limit", type=cli_dlq.positive_int, default=10_000,
+                        help="dead letters to read when counting them by reason")  # fmt: skip
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    send_test = command("send-test", "POST a signed hookline.test event to one endpoint")
+    send_test.add_argument("--endpoint", required=True, help="the endpoint's name")
+    cli_dlq.add_commands(commands)
     return parser
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("must be a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings(args.config)
-        if args.command == "dlq" and args.endpoint is not None:
-            settings.endpoint(args.endpoint)
+        named = getattr(args, "endpoint", None)
+        if named is not None and getattr(args, "dlq_command", None) != "retire":
+            settings.endpoint(named)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -76,8 +67,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(describe_settings(settings, args.config))
         return 0
     if args.command == "run":
-        return run_async(run_worker(settings))
-    return run_async(run_dlq(settings, args))
+        return run_async(run_worker(settings, args.config))
+    if args.command == "status":
+        command = run_status(settings, args)
+    elif args.command == "send-test":
+        command = run_send_test(settings, args.endpoint)
+    else:
+        command = cli_dlq.run_dlq(settings, args)
+    try:
+        return run_async(_reporting_errors(settings, command))
+    except KeyboardInterrupt:
+        # The broker takes back every message the command held but had not settled.
+        print("interrupted: nothing lost; messages not yet handled stay queued", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def run_async(main_coroutine: Coroutine[Any, Any, int]) -> int:
@@ -90,11 +92,15 @@ def run_async(main_coroutine: Coroutine[Any, Any, int]) -> int:
         return runner.run(main_coroutine)
 
 
-async def run_worker(settings: Settings) -> int:
-    worker = Worker(settings)
+async def run_worker(settings: Settings, config_path: Path | None = None) -> int:
+    worker = Worker(
+        settings,
+        load_settings=(lambda: load_settings(config_path)) if config_path is not None else None,
+    )
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, worker.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, worker.request_reload)
     try:
         await worker.run()
     except (TopologyConflict, ListenError) as exc:
@@ -103,51 +109,20 @@ async def run_worker(settings: Settings) -> int:
     return 0
 
 
-async def run_dlq(settings: Settings, args: argparse.Namespace) -> int:
+async def _reporting_errors(settings: Settings, command: Coroutine[Any, Any, int]) -> int:
+    """Operator commands fail with one line naming the broker, never a traceback."""
     try:
-        if args.dlq_command == "list":
-            letters = await dlq.list_dead_letters(
-                settings, endpoint=args.endpoint, limit=args.limit
-            )
-            print(format_table(letters))
-        elif args.dlq_command == "replay":
-            report = await dlq.replay(settings, endpoint=args.endpoint, limit=args.limit)
-            for letter in report.replayed:
-                print(f"replayed {letter.event_id} -> {letter.endpoint}")
-            print(f"{len(report.replayed)} replayed", end="")
-            if report.skipped_unknown_endpoint:
-                print(f", {report.skipped_unknown_endpoint} left: endpoint not in config", end="")
-            print()
-        else:
-            if not args.yes:
-                print("error: purge deletes dead letters for good; add --yes", file=sys.stderr)
-                return EXIT_BAD_INPUT
-            purged = await dlq.purge(settings, endpoint=args.endpoint, limit=args.limit)
-            print(f"{purged} purged")
+        return await command
     except (HooklineError, OSError) as exc:
         reason = str(exc) if isinstance(exc, HooklineError) else exc.__class__.__name__
         print(f"error: {settings.broker.masked_url}: {reason}", file=sys.stderr)
         return EXIT_FAILED
-    return 0
-
-
-def format_table(letters: Sequence[dlq.DeadLetter]) -> str:
-    header = ("ID", "TYPE", "ENDPOINT", "REASON", "ATTEMPTS", "LAST STATUS", "DEAD-LETTERED AT")
-    rows = [header] + [
-        (d.event_id, d.event_type, d.endpoint, d.reason, d.attempts, d.last_status,
-         d.dead_lettered_at)
-        for d in letters
-    ]  # fmt: skip
-    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-             for row in rows]  # fmt: skip
-    lines.append(f"{len(letters)} dead letter{'s' if len(letters) != 1 else ''}")
-    return "\n".join(lines)
 
 
 def describe_settings(settings: Settings, path: Path) -> str:
     exchange = settings.broker.exchange
     retry = settings.retry
+    breaker = settings.circuit_breaker
     lines = [
         f"{path}: OK",
         f"broker:   {settings.broker.masked_url} (exchange {exchange!r}, "
@@ -156,10 +131,19 @@ def describe_settings(settings: Settings, path: Path) -> str:
         f"no retry on {sorted(retry.no_retry_statuses)}",
         f"security: require_https={settings.security.require_https}, "
         f"allow_private_networks={settings.security.allow_private_networks}",
+        "circuit:  "
+        + (
+            f"opens after {breaker.failure_threshold} failures in a row, "
+            f"cool-down {breaker.cooldown_s} s up to {breaker.max_cooldown_s} s"
+            if breaker.enabled
+            else "disabled"
+        ),
+        f"operational events: {'on' if settings.operational_events.enabled else 'off'}",
         f"dead letters: {dead_letter_queue(exchange)}",
         "endpoints:",
     ]
     for endpoint in settings.endpoints:
+        rate = f"{endpoint.rate_limit_per_s}/s per worker" if endpoint.rate_limit_per_s else "none"
         lines += [
             f"  {endpoint.name}",
             f"    url:       {endpoint.url}",
@@ -168,6 +152,7 @@ def describe_settings(settings: Settings, path: Path) -> str:
             f"    secrets:   {len(endpoint.signing_keys)}",
             f"    timeout:   {settings.timeout_for(endpoint)} s, "
             f"max in flight {settings.max_in_flight_for(endpoint)}",
+            f"    rate limit: {rate}",
             "    delays:    "
             + ", ".join(
                 delay_queue(exchange, endpoint.name, delay).rsplit(".", 1)[-1]

@@ -23,6 +23,7 @@ class Reason(enum.StrEnum):
     BLOCKED_DESTINATION = "blocked_destination"
     NO_RETRY_STATUS = "no_retry_status"
     ATTEMPTS_EXHAUSTED = "attempts_exhausted"
+    ENDPOINT_REMOVED = "endpoint_removed"  # set by ``dlq retire``, never by a delivery
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Iterable
 from typing import Any, TypeVar
 
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 
 from producer.exchange import (
     capture_exchange,
@@ -174,3 +174,20 @@ async def unbind_patterns(queue: AbstractQueue, exchange: str, patterns: Iterabl
     """Through the queue object that bound them, so a robust channel forgets them too."""
     for pattern in patterns:
         await queue.unbind(exchange, routing_key=pattern)
+
+
+async def inspect_queue(connection: AbstractConnection, name: str) -> tuple[int, int] | None:
+    """(messages ready, consumers) of an existing queue, or None if there is none.
+
+    Asked on a channel of its own: a passive declare of a missing queue closes its channel.
+    """
+    channel = await connection.channel()
+    try:
+        queue = await channel.declare_queue(name, passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return None
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+    result = queue.declaration_result
+    return int(result.message_count or 0), int(result.consumer_count or 0)
