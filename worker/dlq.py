@@ -315,16 +315,22 @@ async def retire(settings: Settings, endpoint: str) -> int:
     """Move what is left in a removed endpoint's queue and delay queues into the dead-letter
     queue (reason ``endpoint_removed``), then delete those queues; returns how many moved.
 
-    Delay queues are found by the current ``retry.delays_s``.
+    Delay queues are found by the current ``retry.delays_s`` and emptied first, since
+    they expire into the endpoint's queue. Refused while any worker still consumes it.
     """
     if endpoint in {configured.name for configured in settings.endpoints}:
         raise ValueError(f"endpoint {endpoint!r} is still configured; remove it and reload first")
     exchange = settings.broker.exchange
-    names = [endpoint_queue(exchange, endpoint)] + [
-        delay_queue(exchange, endpoint, delay) for delay in delay_tiers(settings.retry)
-    ]
+    work_queue = endpoint_queue(exchange, endpoint)
+    names = [delay_queue(exchange, endpoint, delay) for delay in delay_tiers(settings.retry)]
+    names.append(work_queue)
     moved = 0
     async with _dead_letter_queue(settings) as (connection, channel, _):
+        work = await inspect_queue(connection, work_queue)
+        if work is not None and work[1] > 0:
+            raise ValueError(
+                f"{work_queue} still has {work[1]} consumer(s): reload every worker first"
+            )
         recorder = Recorder(exchange, channel.default_exchange, settings.broker.publish_timeout_s)
         for name in names:
             if await inspect_queue(connection, name) is None:
@@ -341,5 +347,7 @@ async def retire(settings: Settings, endpoint: str) -> int:
                 )
                 await settle(message)
                 moved += 1
-            await queue.delete(if_unused=False, if_empty=True)
+            # Quorum queues support no if-empty delete; nothing routes here any more, and
+            # the queue was just read empty.
+            await queue.delete(if_unused=False, if_empty=False)
     return moved

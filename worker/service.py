@@ -22,15 +22,13 @@ from worker.exceptions import ConfigError
 from worker.metrics import Metrics
 from worker.opsevents import OperationalEvents
 from worker.recorder import Recorder
+from worker.reload import plan_reload
 from worker.server import HealthServer
 from worker.settings import EndpointSettings, Settings
 from worker.status import build_status
 from worker.topology import declare_dead_letter_queue, declare_unrouted_queue, unbind_patterns
 
 CONNECT_RETRY_FIRST_S = 0.5
-
-# Sections a running worker cannot change; a reload keeps the old ones and says so.
-RESTART_ONLY_SECTIONS = ("broker", "metrics", "worker")
 
 log = structlog.get_logger("hookline.worker")
 
@@ -243,31 +241,21 @@ class Worker:
         except ConfigError as exc:
             log.error("config_reload_rejected", error=str(exc), kept="previous config")
             return
-        kept = [name for name in RESTART_ONLY_SECTIONS
-                if getattr(loaded, name) != getattr(self.settings, name)]  # fmt: skip
-        if kept:
-            log.warning("config_reload_needs_restart", sections=kept)
-        new = loaded.model_copy(update={name: getattr(self.settings, name) for name in kept})
-        old, self.settings = self.settings, new
+        plan = plan_reload(self.settings, loaded)
+        if plan.needs_restart:
+            log.warning("config_reload_needs_restart", sections=list(plan.needs_restart))
+        self.settings = plan.settings
         assert self._operational_events is not None
-        self._operational_events.enabled = new.operational_events.enabled
-        names = {endpoint.name for endpoint in new.endpoints}
-        removed = [name for name in self._running if name not in names]
-        added: list[str] = []
-        changed: list[str] = []
-        for name in removed:
+        self._operational_events.enabled = plan.settings.operational_events.enabled
+        for name in plan.removed:
             await self._remove_endpoint(name)
-        for endpoint in new.endpoints:
-            running = self._running.get(endpoint.name)
-            if running is None:
-                self.metrics.register_endpoint(endpoint.name)
-                await self._start_endpoint(endpoint)
-                added.append(endpoint.name)
-            elif _delivery_settings(old, running.endpoint) != _delivery_settings(new, endpoint):
-                await self._replace_endpoint(running, endpoint)
-                changed.append(endpoint.name)
-        log.info("config_reloaded", added=added, removed=removed, changed=changed,
-                 unchanged=len(names) - len(added) - len(changed))  # fmt: skip
+        for name in plan.changed:
+            await self._replace_endpoint(self._running[name], plan.settings.endpoint(name))
+        for name in plan.added:
+            self.metrics.register_endpoint(name)
+            await self._start_endpoint(plan.settings.endpoint(name))
+        log.info("config_reloaded", added=list(plan.added), removed=list(plan.removed),
+                 changed=list(plan.changed), unchanged=len(plan.unchanged))  # fmt: skip
 
     async def _replace_endpoint(self, running: RunningEndpoint, endpoint: EndpointSettings) -> None:
         """Stop the old consumer, start the new one, and let the old one finish its work.
@@ -356,12 +344,6 @@ class Worker:
             if connection is not None:
                 await _close_quietly(connection)
         self._consume_connection = self._publish_connection = None
-
-
-def _delivery_settings(settings: Settings, endpoint: EndpointSettings) -> tuple[Any, ...]:
-    """Everything a consumer was built from: if any differs, the consumer is replaced."""
-    return (endpoint, settings.delivery, settings.retry, settings.security,
-            settings.circuit_breaker)  # fmt: skip
 
 
 async def _close_quietly(closable: AbstractChannel | AbstractRobustConnection) -> None:

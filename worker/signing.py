@@ -15,11 +15,21 @@ MIN_KEY_BYTES = 24
 class SigningKey:
     """A decoded endpoint secret. Its repr and str never show the key."""
 
-    __slots__ = ("_prototype",)
+    __slots__ = ("_fingerprint", "_prototype")
 
     def __init__(self, key: bytes) -> None:
         # Keyed once here; each signature copies the prepared HMAC state.
         self._prototype = hmac.new(key, digestmod=hashlib.sha256)
+        # Lets a config reload tell a rotated secret from an unchanged one.
+        self._fingerprint = hashlib.sha256(key).digest()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SigningKey):
+            return NotImplemented
+        return hmac.compare_digest(self._fingerprint, other._fingerprint)
+
+    def __hash__(self) -> int:
+        return hash(self._fingerprint)
 
     @classmethod
     def parse(cls, secret: str) -> SigningKey:

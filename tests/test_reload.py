@@ -1,0 +1,172 @@
+"""Config reload: what a re-read config changes, and SIGHUP on a real worker under load."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from standardwebhooks.webhooks import Webhook
+
+from producer import Publisher
+from tests.conftest import (
+    AMQP_URL,
+    REPO,
+    SECRET_A,
+    SECRET_B,
+    Broker,
+    Receiver,
+    WorkerProcess,
+    endpoint,
+    make_document,
+    make_settings,
+    write_config,
+)
+from worker.exceptions import Unroutable
+from worker.reload import plan_reload
+from worker.topology import dead_letter_queue, endpoint_queue
+
+
+def test_plan_names_added_removed_and_changed_endpoints() -> None:
+    """Added and removed by name; a rotated secret or new patterns make a change."""
+    running = make_settings("x", [
+        endpoint("a", "http://127.0.0.1:1/a", ["a.#"]),
+        endpoint("b", "http://127.0.0.1:1/b", ["b.#"]),
+        endpoint("c", "http://127.0.0.1:1/c", ["c.#"]),
+    ])  # fmt: skip
+    loaded = make_settings("x", [
+        {**endpoint("a", "http://127.0.0.1:1/a", ["a.#"]), "secret": SECRET_B},
+        endpoint("b", "http://127.0.0.1:1/b", ["b.#", "more.#"]),
+        endpoint("d", "http://127.0.0.1:1/d", ["d.#"]),
+    ])  # fmt: skip
+    plan = plan_reload(running, loaded)
+    assert (plan.added, plan.removed, plan.changed, plan.unchanged) == (
+        ("d",), ("c",), ("a", "b"), ()
+    )  # fmt: skip
+    assert plan.needs_restart == ()
+
+
+def test_plan_keeps_restart_only_sections_and_replaces_all_on_global_change() -> None:
+    """A new broker or metrics section waits for a restart; a new retry schedule changes
+    every endpoint's consumer."""
+    running = make_settings("x", [endpoint("a", "http://127.0.0.1:1/a", ["a.#"])])
+    loaded = make_settings(
+        "y", [endpoint("a", "http://127.0.0.1:1/a", ["a.#"])], retry={"delays_s": [1, 2]}
+    )
+    plan = plan_reload(running, loaded)
+    assert plan.needs_restart == ("broker",)
+    assert plan.settings.broker.exchange == "x"
+    assert plan.settings.retry.delays_s == (1, 2)
+    assert plan.changed == ("a",)
+
+
+def test_identical_config_changes_nothing() -> None:
+    """Reloading the same file is a no-op."""
+    settings = make_settings("x", [endpoint("a", "http://127.0.0.1:1/a", ["a.#"])])
+    plan = plan_reload(
+        settings, make_settings("x", [endpoint("a", "http://127.0.0.1:1/a", ["a.#"])])
+    )
+    assert (plan.added, plan.removed, plan.changed, plan.unchanged) == ((), (), (), ("a",))
+
+
+async def run_cli(*args: str) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker", *args, cwd=REPO,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode is not None
+    return process.returncode, out.decode()
+
+
+@pytest.mark.slow
+async def test_sighup_adds_changes_and_removes_endpoints_mid_load_losing_nothing(
+    tmp_path: Path, exchange_name: str, receiver: Receiver, broker: Broker
+) -> None:
+    """Under load, SIGHUP rotates a's secret, adds b and removes c: every a event is
+    delivered exactly once, b gets what was published after the reload, and every c event
+    was delivered, stays queued, or is retired to the dead-letter queue; none is lost.
+    An invalid config is then rejected and delivery goes on."""
+    receiver.script("/a", (200, {}, 0.02))
+    receiver.script("/c", (200, {}, 0.05))
+    a = endpoint("a", receiver.url("/a"), ["a.#"])
+    b = endpoint("b", receiver.url("/b"), ["b.#"])
+    c = endpoint("c", receiver.url("/c"), ["c.#"], max_in_flight=2)
+    before = make_document(exchange_name, [a, c])
+    after = make_document(exchange_name, [{**a, "secret": SECRET_B}, b])
+    config = write_config(tmp_path, before)
+    published: dict[str, list[str]] = {"a": [], "b": [], "c": []}
+    refused: dict[str, list[str]] = {"a": [], "b": [], "c": []}
+    b_after_reload: list[str] = []
+    reloaded = asyncio.Event()
+    try:
+        async with WorkerProcess(config) as worker:
+            await worker.wait_for_log("worker_consuming")
+
+            async def load() -> None:
+                async with Publisher(AMQP_URL, exchange_name) as publisher:
+                    for n in range(300):
+                        for kind in ("a", "b", "c"):
+                            try:
+                                event_id = await publisher.publish(
+                                    f"{kind}.event", {"n": n}, event_id=f"{kind}-{n}"
+                                )
+                            except Unroutable:
+                                # The SDK says so when no endpoint subscribes: not a loss.
+                                refused[kind].append(f"{kind}-{n}")
+                                continue
+                            published[kind].append(event_id)
+                            if kind == "b" and reloaded.is_set():
+                                b_after_reload.append(event_id)
+                        await asyncio.sleep(0.01)
+
+            loader = asyncio.create_task(load())
+            await asyncio.sleep(1.0)
+            write_config(tmp_path, after)
+            worker.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+            record = await worker.wait_for_log("config_reloaded")
+            reloaded.set()
+            assert (record["added"], record["removed"], record["changed"]) == (["b"], ["c"], ["a"])
+            await loader
+            await receiver.wait_for(lambda: len(set(receiver.delivered_ids("/a"))) == 300, 30)
+            await receiver.wait_for(
+                lambda: set(b_after_reload) <= set(receiver.delivered_ids("/b")), 30
+            )
+
+            config.write_text("endpoints: [ {name: broken")
+            worker.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+            rejected = await worker.wait_for_log("config_reload_rejected")
+            assert "config.yaml" in rejected["error"]
+            write_config(tmp_path, after)  # what the operator fixes it to
+            async with Publisher(AMQP_URL, exchange_name) as publisher:
+                await publisher.publish("a.event", {}, event_id="a-after-rejected")
+            await receiver.wait_for(lambda: "a-after-rejected" in receiver.delivered_ids("/a"))
+            assert await worker.stop() == 0
+
+        a_deliveries = Counter(receiver.delivered_ids("/a"))
+        assert set(a_deliveries) == {*published["a"], "a-after-rejected"}
+        assert max(a_deliveries.values()) == 1
+        first, last = receiver.on("/a")[0], receiver.on("/a")[-1]
+        Webhook(SECRET_A).verify(first.body, first.headers)
+        Webhook(SECRET_B).verify(last.body, last.headers)
+        assert len(b_after_reload) > 50
+        assert Counter(receiver.delivered_ids("/b"))[b_after_reload[-1]] == 1
+
+        left_in_c = await broker.depth(endpoint_queue(exchange_name, "c"))
+        assert left_in_c > 0, "c should have had a backlog when it was removed"
+        code, out = await run_cli("dlq", "retire", "--config", str(config), "--endpoint", "c")
+        assert (code, out.strip()) == (0, f"{left_in_c} moved to the dead-letter queue "
+                                       "(reason endpoint_removed)")  # fmt: skip
+        retired = {
+            m.message_id: m.headers for m in await broker.drain(dead_letter_queue(exchange_name))
+        }
+        assert {h["hookline-reason"] for h in retired.values()} == {"endpoint_removed"}
+        assert set(published["c"]) <= set(receiver.delivered_ids("/c")) | set(retired)
+        assert set(published["b"]) == set(receiver.delivered_ids("/b"))
+        assert refused["a"] == [] and refused["b"] and refused["c"]
+    finally:
+        everything = make_settings(exchange_name, [a, b, c])
+        await broker.delete_all(everything)
