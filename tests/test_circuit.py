@@ -146,7 +146,7 @@ async def test_failed_probes_reopen_with_growing_cooldown(
     probes = arrivals[2:]
     # Cool-downs 0.4, 0.8, 1.6, 1.6 s: three or four probes fit in 4.6 s, never more.
     assert 3 <= len(probes) <= 4, arrivals
-    gaps = [later - earlier for earlier, later in zip(probes, probes[1:], strict=False)]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(probes)]
     assert gaps[0] >= 0.75 and all(gap >= 1.5 for gap in gaps[1:]), gaps
     reopened = [e["cooldown_s"] for e in logs if e["event"] == "circuit_opened"]
     assert reopened[:4] == [0.4, 0.8, 1.6, 1.6][: len(reopened[:4])]
