@@ -3,22 +3,39 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import os
+import pty
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import aio_pika
 import pytest
+import yaml
+from aio_pika.abc import AbstractIncomingMessage
 
 from producer import Publisher
+from producer.envelope import build_body
 from tests.conftest import (
     AMQP_URL,
+    REPO,
     Broker,
     Receiver,
     RunWorker,
     endpoint,
+    eventually,
+    make_document,
     make_settings,
 )
 from worker import dlq
 from worker.settings import Settings
-from worker.topology import dead_letter_queue
+from worker.topology import dead_letter_queue, endpoint_queue
 
 
 @dataclass
@@ -105,3 +122,232 @@ async def test_purge_by_endpoint_and_all(
     await broker.wait_depth(dead_letter_queue(exchange_name), 3)
     assert await dlq.purge(settings) == 3
     await broker.wait_depth(dead_letter_queue(exchange_name), 0)
+
+
+async def put_dead_letters(
+    broker: Broker, exchange: str, count: int, *, endpoint_name: str = "a",
+    reason: str = "attempts_exhausted", event_type: str = "to.a",
+    dead_lettered_at: str | None = None, prefix: str = "dl",
+) -> list[str]:  # fmt: skip
+    """Dead letters as a worker writes them, published straight into the queue (fast)."""
+    moment = dead_lettered_at or datetime.now(UTC).isoformat(timespec="seconds")
+    channel = await broker.channel()
+    try:
+        ids = []
+        for n in range(count):
+            event_id, body = build_body(event_type, {"n": n}, event_id=f"{prefix}-{n}")
+            headers = {
+                "hookline-endpoint": endpoint_name, "hookline-reason": reason,
+                "hookline-attempts": 3, "hookline-last-status": "503",
+                "hookline-dead-lettered-at": moment, "hookline-detail": "test",
+            }  # fmt: skip
+            await channel.default_exchange.publish(
+                aio_pika.Message(body, message_id=event_id, headers=headers,
+                                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                dead_letter_queue(exchange),
+            )  # fmt: skip
+            ids.append(event_id)
+        return ids
+    finally:
+        await channel.close()
+
+
+@pytest.fixture
+async def declared(
+    exchange_name: str, receiver: Receiver, broker: Broker
+) -> AsyncIterator[Settings]:
+    """Endpoints a and b declared on the broker, no worker running; deleted afterwards."""
+    settings = make_settings(
+        exchange_name,
+        [endpoint("a", receiver.url("/a"), ["to.a"]), endpoint("b", receiver.url("/b"), ["to.b"])],
+    )
+    await broker.declare(settings)
+    try:
+        yield settings
+    finally:
+        await broker.delete_all(settings)
+
+
+async def run_cli(settings: Settings, tmp_path: Path, *args: str) -> tuple[int, str, str]:
+    config = tmp_path / "config.yaml"
+    if not config.exists():
+        config.write_text(yaml.safe_dump(settings_document(settings)))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker", "dlq", *args, "--config", str(config), cwd=REPO,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), timeout=120)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+def settings_document(settings: Settings) -> dict[str, object]:
+    return make_document(
+        settings.broker.exchange,
+        [endpoint(e.name, e.url, list(e.events)) for e in settings.endpoints],
+    )
+
+
+async def test_list_filters_by_reason_type_and_since_and_prints_json(
+    declared: Settings, exchange_name: str, broker: Broker, tmp_path: Path
+) -> None:
+    """--reason, --type (topic patterns too) and --since narrow the list; --json prints one
+    object per line; nothing leaves the queue."""
+    old = (datetime.now(UTC) - timedelta(days=3)).isoformat(timespec="seconds")
+    await put_dead_letters(broker, exchange_name, 2, dead_lettered_at=old, prefix="old")
+    await put_dead_letters(broker, exchange_name, 3, reason="no_retry_status", prefix="gone",
+                           event_type="order.cancelled")  # fmt: skip
+    await put_dead_letters(broker, exchange_name, 1, endpoint_name="b", prefix="b",
+                           event_type="order.created")  # fmt: skip
+    select = dlq.Selection
+    assert len(await dlq.list_dead_letters(declared, select(reason="no_retry_status"))) == 3
+    assert len(await dlq.list_dead_letters(declared, select(event_type="order.*"))) == 4
+    assert len(await dlq.list_dead_letters(declared, select(event_type="order.created"))) == 1
+    recent = await dlq.list_dead_letters(
+        declared, select(since=datetime.now(UTC) - timedelta(hours=1))
+    )
+    assert sorted(letter.event_id for letter in recent) == ["b-0", "gone-0", "gone-1", "gone-2"]
+    code, out, _ = await run_cli(
+        declared, tmp_path, "list", "--json", "--since", "2d", "--endpoint", "a"
+    )
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [row["event_id"] for row in rows] == ["gone-0", "gone-1", "gone-2"]
+    assert rows[0]["reason"] == "no_retry_status" and rows[0]["event_type"] == "order.cancelled"
+    await broker.wait_depth(dead_letter_queue(exchange_name), 6)
+
+
+async def test_export_appends_json_lines_and_removes_only_what_it_wrote(
+    declared: Settings, exchange_name: str, broker: Broker, tmp_path: Path
+) -> None:
+    """export writes each dead letter (fields, headers, body) to the file, then removes it;
+    a second export appends; a filter leaves the rest."""
+    ids = await put_dead_letters(broker, exchange_name, 250)
+    await put_dead_letters(broker, exchange_name, 2, endpoint_name="b", prefix="b")
+    archive = tmp_path / "dead.jsonl"
+    code, out, _ = await run_cli(declared, tmp_path, "export", "--file", str(archive),
+                                 "--endpoint", "a")  # fmt: skip
+    assert (code, out.strip()) == (0, f"250 exported to {archive}")
+    await broker.wait_depth(dead_letter_queue(exchange_name), 2)
+    await run_cli(declared, tmp_path, "export", "--file", str(archive))
+    records = [json.loads(line) for line in archive.read_text().splitlines()]
+    assert [r["message_id"] for r in records] == [*ids, "b-0", "b-1"]
+    first = records[0]
+    assert first["dead_letter"]["reason"] == "attempts_exhausted"
+    assert first["headers"]["hookline-endpoint"] == "a"
+    assert json.loads(first["body"])["id"] == ids[0]
+    await broker.wait_depth(dead_letter_queue(exchange_name), 0)
+
+
+async def test_export_killed_midway_loses_nothing(
+    declared: Settings, exchange_name: str, broker: Broker, tmp_path: Path
+) -> None:
+    """SIGKILL during an export: every dead letter is in the file or still in the queue."""
+    ids = await put_dead_letters(broker, exchange_name, 4000)
+    archive = tmp_path / "dead.jsonl"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(settings_document(declared)))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker", "dlq", "export", "--file", str(archive),
+        "--config", str(config), cwd=REPO,
+    )  # fmt: skip
+    while not archive.exists() or archive.stat().st_size < 50_000:
+        assert process.returncode is None, "export finished before it could be interrupted"
+        await asyncio.sleep(0.005)
+    process.kill()
+    await process.wait()
+    exported = {json.loads(line)["message_id"] for line in archive.read_text().splitlines()
+                if line.endswith("}")}  # fmt: skip
+    remaining = {m.message_id for m in await _read_all(broker, exchange_name, len(ids))}
+    assert remaining, "the export should have been interrupted midway"
+    assert exported | remaining == set(ids)
+
+
+async def _read_all(broker: Broker, exchange: str, at_most: int) -> list[AbstractIncomingMessage]:
+    """Wait for the killed command's unacked messages to return, then take them all."""
+    await eventually(lambda: _depth_settled(broker, exchange), timeout_s=15)
+    return await broker.drain(dead_letter_queue(exchange))
+
+
+async def _depth_settled(broker: Broker, exchange: str) -> bool:
+    first = await broker.depth(dead_letter_queue(exchange))
+    await asyncio.sleep(0.3)
+    return first == await broker.depth(dead_letter_queue(exchange))
+
+
+async def test_replay_dry_run_changes_nothing_and_rate_paces(
+    declared: Settings, exchange_name: str, broker: Broker, tmp_path: Path
+) -> None:
+    """--dry-run lists what would be replayed and leaves it; --rate 40/s takes its time."""
+    await put_dead_letters(broker, exchange_name, 60)
+    code, out, _ = await run_cli(declared, tmp_path, "replay", "--dry-run")
+    assert code == 0 and out.splitlines()[-1] == "60 to replay (dry run)"
+    assert out.startswith("would replay dl-0 -> a")
+    await broker.wait_depth(dead_letter_queue(exchange_name), 60)
+    assert await broker.depth(endpoint_queue(exchange_name, "a")) == 0
+    started = time.monotonic()
+    code, out, _ = await run_cli(declared, tmp_path, "replay", "--rate", "40/s")
+    # 4 in the first burst, 56 more at 40/s.
+    assert time.monotonic() - started >= 1.3
+    assert out.splitlines()[-1] == "60 replayed"
+    await broker.wait_depth(endpoint_queue(exchange_name, "a"), 60)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL])
+async def test_replay_interrupted_midway_loses_nothing(
+    declared: Settings, exchange_name: str, broker: Broker, tmp_path: Path, signum: int
+) -> None:
+    """Ctrl-C or SIGKILL during a paced replay: each dead letter is in the endpoint's queue
+    or still in the dead-letter queue; Ctrl-C says so and exits 130."""
+    ids = await put_dead_letters(broker, exchange_name, 200)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(settings_document(declared)))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker", "dlq", "replay", "--rate", "50/s",
+        "--config", str(config), cwd=REPO,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    await eventually(
+        lambda: _at_least(broker, endpoint_queue(exchange_name, "a"), 20), timeout_s=20
+    )
+    process.send_signal(signum)
+    _, err = await asyncio.wait_for(process.communicate(), timeout=30)
+    if signum == signal.SIGINT:
+        assert process.returncode == 130
+        assert "nothing lost" in err.decode()
+    replayed = {m.message_id for m in await broker.drain(endpoint_queue(exchange_name, "a"))}
+    remaining = {m.message_id for m in await _read_all(broker, exchange_name, len(ids))}
+    assert remaining and replayed
+    assert replayed | remaining == set(ids)
+
+
+async def _at_least(broker: Broker, queue: str, count: int) -> bool:
+    return await broker.depth(queue) >= count
+
+
+async def test_replay_shows_a_progress_bar_on_a_terminal(
+    declared: Settings, exchange_name: str, broker: Broker, tmp_path: Path
+) -> None:
+    """On a terminal, replay draws a rich progress bar on stderr; in a pipe, it does not."""
+    await put_dead_letters(broker, exchange_name, 30)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(settings_document(declared)))
+    leader, follower = pty.openpty()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "worker", "dlq", "replay", "--rate", "20/s",
+            "--config", str(config), cwd=REPO,
+            stdout=asyncio.subprocess.DEVNULL, stderr=follower,
+        )  # fmt: skip
+        os.close(follower)
+        await asyncio.wait_for(process.wait(), timeout=60)
+        drawn = b""
+        with contextlib.suppress(OSError):
+            while chunk := os.read(leader, 65536):
+                drawn += chunk
+    finally:
+        os.close(leader)
+    assert process.returncode == 0
+    assert b"replaying" in drawn and b"/30" in drawn
+    _, out, err = await run_cli(declared, tmp_path, "replay")
+    assert "replaying" not in err

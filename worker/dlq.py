@@ -41,8 +41,10 @@ from worker.topology import (
     inspect_queue,
 )
 
-# Exported lines are fsynced, then their messages acked, in batches of this many.
-EXPORT_BATCH = 100
+# Exported lines are fsynced, then their messages acked, in batches of this many. Kept
+# under the 32 commands a quorum queue client keeps in flight: settles beyond that wait
+# in the channel, and are dropped (their messages redelivered) if it closes first.
+EXPORT_BATCH = 16
 
 Progress = Callable[[int, int], None]  # (messages looked at, messages in the queue)
 
