@@ -349,5 +349,5 @@ async def test_replay_shows_a_progress_bar_on_a_terminal(
         os.close(leader)
     assert process.returncode == 0
     assert b"replaying" in drawn and b"/30" in drawn
-    _, out, err = await run_cli(declared, tmp_path, "replay")
+    _, _, err = await run_cli(declared, tmp_path, "replay")
     assert "replaying" not in err
