@@ -1,10 +1,11 @@
 """The per-endpoint circuit breaker: a pure state machine; the consumer acts on its changes.
 
-Closed: every message is attempted. After ``failure_threshold`` failed attempts in a row it
-opens: the consumer cancels its subscription, so events wait in the endpoint's queue and
-spend none of their attempts. After the cool-down it is half-open: one message at a time
-is let through as a probe. A delivered probe closes it; a failed one opens it again with
-twice the cool-down, up to ``max_cooldown_s``.
+Closed: every message is attempted. After ``failure_threshold`` attempts in a row that
+found the endpoint unavailable (5xx, 408, 429, timeout, network or TLS error) it opens:
+the consumer cancels its subscription, so events wait in the endpoint's queue and spend
+none of their attempts. After the cool-down it is half-open: one message at a time is let
+through as a probe. A probe the endpoint answers closes it; a failed one opens it again
+with twice the cool-down, up to ``max_cooldown_s``.
 """
 
 from __future__ import annotations
@@ -51,12 +52,13 @@ class CircuitBreaker:
         self.cooldown_s = settings.cooldown_s
         self._opened_at: float | None = None
 
-    def record(self, delivered: bool) -> Transition | None:
-        """Count one attempt's result; returns the change of state it causes, if any."""
+    def record(self, available: bool) -> Transition | None:
+        """Count one attempt: did the endpoint answer (2xx, or a 4xx refusal)? Returns the
+        change of state it causes, if any."""
         if self.state is CircuitState.OPEN:
             # Results of attempts that were already in flight when it opened.
             return None
-        if delivered:
+        if available:
             self.consecutive_failures = 0
             if self.state is CircuitState.HALF_OPEN:
                 outage_s = self._clock() - (self._opened_at or self._clock())

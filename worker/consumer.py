@@ -68,6 +68,7 @@ class EndpointConsumer:
         self._consumer_tag: str | None = None
         self._started = False
         self._stopping = False
+        self._stopped = asyncio.Event()  # wakes messages waiting for a rate-limit token
         self._tasks: set[asyncio.Task[Any]] = set()
         # Circuit changes and cool-down timers; kept so that shutdown can cancel them.
         self._control_tasks: set[asyncio.Task[None]] = set()
@@ -123,6 +124,7 @@ class EndpointConsumer:
     async def stop_consuming(self) -> None:
         """Stop taking new messages; any that still arrive go back to the queue."""
         self._stopping = True
+        self._stopped.set()
         for task in self._control_tasks:
             task.cancel()
         await asyncio.gather(*self._control_tasks, return_exceptions=True)
@@ -141,6 +143,24 @@ class EndpointConsumer:
                 await self._queue.cancel(tag)
             except Exception as exc:  # noqa: BLE001 - broker may already be gone; nothing to cancel
                 self._log.warning("consumer_cancel_failed", error=exc.__class__.__name__)
+
+    async def _take_token(self) -> bool:
+        """Wait for the rate limit; False if the consumer stopped or the circuit opened
+        meanwhile, so a message waiting for its turn goes back to the queue at once."""
+        assert self._rate_limit is not None
+        token = asyncio.ensure_future(self._rate_limit.acquire())
+        stopped = asyncio.ensure_future(self._stopped.wait())
+        try:
+            await asyncio.wait({token, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not token.done():
+                token.cancel()
+        if token.cancelled():
+            return False
+        if token.result():
+            self._rate_limited.inc()
+        return not self._holding_back()
 
     def _holding_back(self) -> bool:
         return self._stopping or self.circuit_state is CircuitState.OPEN
@@ -175,12 +195,9 @@ class EndpointConsumer:
             log = log.bind(message_id=message.message_id)
         else:
             log = log.bind(event_id=envelope.id, event_type=envelope.type)
-            if self._rate_limit is not None:
-                if await self._rate_limit.acquire():
-                    self._rate_limited.inc()
-                if self._holding_back():
-                    await self._requeue(message)
-                    return
+            if self._rate_limit is not None and not await self._take_token():
+                await self._requeue(message)
+                return
             result = await self._attempt(envelope, message.body)
         decision = decide(result, attempt, self._settings.retry)
         try:
@@ -215,7 +232,7 @@ class EndpointConsumer:
         self.recent.record(result.delivered)
         if self.breaker is None:
             return
-        transition = self.breaker.record(result.delivered)
+        transition = self.breaker.record(not result.endpoint_unavailable)
         if transition is not None:
             self._control(self._on_transition(transition, result.last_status))
 

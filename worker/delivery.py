@@ -21,6 +21,7 @@ from worker.signing import signature_header
 
 USER_AGENT = f"Hookline/{__version__}"
 RETRY_AFTER_STATUSES = frozenset({429, 503})
+UNAVAILABLE_STATUSES = frozenset({408, 429})
 LOG_EXCERPT_CHARS = 1024
 # Bounds on what an endpoint may send back before its body: status line and each header
 # line, and the number of headers.
@@ -41,6 +42,15 @@ class AttemptResult:
     @property
     def delivered(self) -> bool:
         return self.status is not None and 200 <= self.status < 300
+
+    @property
+    def endpoint_unavailable(self) -> bool:
+        """What the circuit breaker counts: the endpoint could not take the event at all
+        (server error, overload, timeout, network). A 4xx means it is up and chose to
+        refuse this event: retries and the dead-letter queue handle that."""
+        if self.status is not None:
+            return self.status >= 500 or self.status in UNAVAILABLE_STATUSES
+        return self.error not in (None, "invalid_envelope", "blocked_destination")
 
     @property
     def last_status(self) -> str:

@@ -1,0 +1,91 @@
+"""``worker status``: depths, consumers, circuits and dead letters, read from the broker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from tests.conftest import (
+    REPO,
+    Broker,
+    Receiver,
+    RunWorker,
+    endpoint,
+    eventually,
+    make_document,
+    publish_events,
+    write_config,
+)
+from worker.settings import settings_from_document
+from worker.topology import dead_letter_queue
+
+
+async def status(config: Path, *extra: str) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker", "status", "--config", str(config), *extra, cwd=REPO,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode is not None
+    return process.returncode, out.decode()
+
+
+async def test_status_reports_each_endpoint_from_broker_and_workers(
+    tmp_path: Path, exchange_name: str, receiver: Receiver, run_worker: RunWorker, broker: Broker
+) -> None:
+    """One row per endpoint: queued, consumers, circuit (from the worker), retry tiers and
+    dead letters by reason; --json gives the same as data."""
+    document = make_document(
+        exchange_name,
+        [
+            endpoint("gone", receiver.url("/gone"), ["gone.#"]),
+            endpoint("down", receiver.url("/down"), ["down.#"], max_in_flight=1),
+        ],
+        circuit_breaker={"enabled": True, "failure_threshold": 1, "cooldown_s": 60},
+        retry={"delays_s": [30, 60]},
+    )
+    config = write_config(tmp_path, document)
+    receiver.script("/gone", 410)
+    receiver.script("/down", 503)
+    worker = await run_worker(settings_from_document(document, config, {}))
+    await publish_events(exchange_name, 2, "gone.event", "gone")
+    await publish_events(exchange_name, 5, "down.event", "down")
+    await broker.wait_depth(dead_letter_queue(exchange_name), 2)
+    await receiver.wait_for(lambda: len(receiver.on("/down")) == 1)
+
+    async def circuit_open() -> bool:
+        return worker.status()["endpoints"][1]["circuit"] == "open"
+
+    await eventually(circuit_open)
+    code, out = await status(config, "--json", "--worker", f"http://127.0.0.1:{worker.health.port}")
+    assert code == 0, out
+    report = json.loads(out)
+    gone, down = report["endpoints"]
+    assert (gone["name"], gone["queued"], gone["consumers"], gone["circuit"]) == (
+        "gone", 0, 1, "closed"
+    )  # fmt: skip
+    assert gone["dead_letters"] == {"no_retry_status": 2}
+    assert (down["queued"], down["consumers"], down["circuit"]) == (4, 0, "open 1/1")
+    assert down["retry_tiers"] == {"30s": 1, "60s": 0}
+    assert (report["dead_letters_read"], report["dead_letters_total"]) == (2, 2)
+
+    code, out = await status(config, "--worker", f"http://127.0.0.1:{worker.health.port}")
+    assert code == 0
+    assert "gone" in out and "open 1/1" in out and "no_retry_status 2" in out
+    await broker.wait_depth(dead_letter_queue(exchange_name), 2)
+
+
+async def test_status_without_reachable_workers_says_circuit_unknown(
+    tmp_path: Path, exchange_name: str, receiver: Receiver, broker: Broker
+) -> None:
+    """With no worker answering, the broker's figures are shown and circuits are unknown;
+    queues not yet declared show as missing."""
+    document = make_document(exchange_name, [endpoint("new", receiver.url("/new"), ["n.#"])])
+    config = write_config(tmp_path, document)
+    code, out = await status(config, "--json", "--worker", "http://127.0.0.1:9")
+    assert code == 0, out
+    [row] = json.loads(out)["endpoints"]
+    assert (row["queued"], row["consumers"], row["circuit"]) == (None, None, "unknown")
+    await broker.delete_all(settings_from_document(document, config, {}))
