@@ -8,6 +8,7 @@ while it is half-open.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Coroutine
 from datetime import UTC, datetime
 from typing import Any
@@ -39,6 +40,16 @@ OUTCOME_EVENTS = {
     Action.RETRY: "delivery_retry_scheduled",
     Action.DEAD_LETTER: "delivery_dead_lettered",
 }
+
+
+def prefetch_for(settings: Settings, endpoint: EndpointSettings) -> int:
+    """``max_in_flight``, but no more than ten seconds' worth of a rate-limited endpoint's
+    events: more would only wait in this worker's memory, unavailable to other workers,
+    and risk the broker's consumer timeout on a slow limit."""
+    prefetch = settings.max_in_flight_for(endpoint)
+    if endpoint.rate_limit_per_s is not None:
+        prefetch = min(prefetch, max(1, math.ceil(endpoint.rate_limit_per_s * 10)))
+    return prefetch
 
 
 class EndpointConsumer:
@@ -73,7 +84,7 @@ class EndpointConsumer:
         # Circuit changes and cool-down timers; kept so that shutdown can cancel them.
         self._control_tasks: set[asyncio.Task[None]] = set()
         self._subscription_lock = asyncio.Lock()
-        self._prefetch = settings.max_in_flight_for(endpoint)
+        self._prefetch = prefetch_for(settings, endpoint)
         breaker = settings.circuit_breaker
         self.breaker = CircuitBreaker(breaker) if breaker.enabled else None
         self._circuit_state = metrics.circuit_state.labels(endpoint=endpoint.name)
