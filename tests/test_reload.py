@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from standardwebhooks.webhooks import Webhook
+from structlog.testing import capture_logs
 
 from producer import Publisher
 from tests.conftest import (
@@ -21,12 +22,17 @@ from tests.conftest import (
     Receiver,
     WorkerProcess,
     endpoint,
+    eventually,
     make_document,
     make_settings,
+    publish_events,
     write_config,
 )
 from worker.exceptions import Unroutable
+from worker.metrics import Metrics
 from worker.reload import plan_reload
+from worker.service import Worker
+from worker.settings import settings_from_document
 from worker.topology import dead_letter_queue, endpoint_queue
 
 
@@ -170,3 +176,47 @@ async def test_sighup_adds_changes_and_removes_endpoints_mid_load_losing_nothing
     finally:
         everything = make_settings(exchange_name, [a, b, c])
         await broker.delete_all(everything)
+
+
+async def test_an_endpoint_that_cannot_start_on_reload_is_retried_not_fatal(
+    exchange_name: str, receiver: Receiver, broker: Broker
+) -> None:
+    """A reload whose new endpoint's queue conflicts on the broker logs
+    config_reload_failed, keeps the worker and its other endpoints running, and starts the
+    endpoint once the conflict is cleared."""
+    old = make_document(exchange_name, [endpoint("a", receiver.url("/a"), ["a.#"])])
+    late = endpoint("late", receiver.url("/late"), ["late.#"])
+    new = make_document(exchange_name, [endpoint("a", receiver.url("/a"), ["a.#"]), late])
+    documents = iter([new])
+    worker = Worker(settings_from_document(old, Path("x.yaml"), {}), Metrics(),
+                    load_settings=lambda: settings_from_document(next(documents),
+                                                                 Path("x.yaml"), {}))  # fmt: skip
+    channel = await broker.channel()
+    conflicting = endpoint_queue(exchange_name, "late")
+    await channel.declare_queue(conflicting, durable=True)  # classic, not quorum
+    task = asyncio.create_task(worker.run())
+    try:
+        await eventually(lambda: _ready(worker))
+        with capture_logs() as logs:
+            worker.request_reload()
+            await eventually(lambda: _logged(logs, "config_reload_failed"))
+            await publish_events(exchange_name, 1, "a.event", "still")
+            await receiver.wait_for(lambda: receiver.delivered_ids("/a") == ["still-0"])
+            await channel.queue_delete(conflicting)
+            await eventually(lambda: _logged(logs, "endpoint_started"), timeout_s=20)
+        await publish_events(exchange_name, 1, "late.event", "late")
+        await receiver.wait_for(lambda: receiver.delivered_ids("/late") == ["late-0"])
+        assert worker.is_ready()
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, timeout=30)
+        await channel.close()
+        await broker.delete_all(worker.settings)
+
+
+async def _ready(worker: Worker) -> bool:
+    return worker.is_ready()
+
+
+async def _logged(logs: list[dict[str, object]], event: str) -> bool:
+    return any(entry["event"] == event for entry in logs)

@@ -34,6 +34,8 @@ from worker.topology import declare_endpoint
 # After an outcome could not be recorded, wait before requeueing, so that a broker in
 # trouble (alarm, failover) is not met with a tight redeliver-and-POST loop.
 RECORD_FAILURE_PAUSE_S = 1.0
+RESUBSCRIBE_FIRST_DELAY_S = 1.0
+RESUBSCRIBE_MAX_DELAY_S = 30.0
 
 OUTCOME_EVENTS = {
     Action.ACK: "delivery_succeeded",
@@ -146,6 +148,20 @@ class EndpointConsumer:
         # basic.qos applies to consumers started after it, hence always before consume.
         await self._channel.set_qos(prefetch_count=prefetch)
         self._consumer_tag = await self._queue.consume(self._on_message)
+
+    async def _resubscribe(self, prefetch: int) -> None:
+        """Subscribe after a circuit change, retrying while the broker connection is down:
+        a failure here must not leave the endpoint without a consumer for good."""
+        delay_s = RESUBSCRIBE_FIRST_DELAY_S
+        while not self._stopping:
+            try:
+                await self._subscribe(prefetch)
+                return
+            except Exception as exc:  # noqa: BLE001 - broker trouble; the robust connection returns
+                self._log.warning("consumer_subscribe_failed", error=exc.__class__.__name__,
+                                  retry_in_s=delay_s)  # fmt: skip
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, RESUBSCRIBE_MAX_DELAY_S)
 
     async def _unsubscribe(self) -> None:
         tag, self._consumer_tag = self._consumer_tag, None
@@ -276,7 +292,7 @@ class EndpointConsumer:
                 self._control(self._probe_after(transition.cooldown_s))
             elif transition.new is CircuitState.CLOSED:
                 await self._unsubscribe()
-                await self._subscribe(self._prefetch)
+                await self._resubscribe(self._prefetch)
                 outage_s = round(transition.outage_s or 0.0, 3)
                 self._log.info("circuit_closed", outage_s=outage_s)
                 self._operational_events.endpoint_recovered(
@@ -291,7 +307,7 @@ class EndpointConsumer:
             transition = self.breaker.half_open()
             self._circuit_state.set(transition.new.value)
             self._log.info("circuit_half_open", cooldown_s=cooldown_s)
-            await self._subscribe(1)
+            await self._resubscribe(1)
 
     async def _attempt(self, envelope: Envelope, body: bytes) -> AttemptResult:
         self._in_flight.inc()

@@ -18,7 +18,7 @@ from producer.exchange import declare_exchange
 from worker.consumer import EndpointConsumer
 from worker.delivery import EndpointClient
 from worker.depths import QueueDepths, poll_depths
-from worker.exceptions import ConfigError
+from worker.exceptions import ConfigError, HooklineError
 from worker.metrics import Metrics
 from worker.opsevents import OperationalEvents
 from worker.recorder import Recorder
@@ -228,8 +228,13 @@ class Worker:
             metrics=self.metrics,
             operational_events=self._operational_events,
         )
+        try:
+            await consumer.start()
+        except BaseException:
+            await client.close()
+            await _close_quietly(channel)
+            raise
         self._running[endpoint.name] = RunningEndpoint(endpoint, channel, client, consumer)
-        await consumer.start()
 
     async def reload(self) -> None:
         """Apply a re-read config: endpoints added, removed or changed; or keep the old one."""
@@ -247,15 +252,50 @@ class Worker:
         self.settings = plan.settings
         assert self._operational_events is not None
         self._operational_events.enabled = plan.settings.operational_events.enabled
-        for name in plan.removed:
-            await self._remove_endpoint(name)
-        for name in plan.changed:
-            await self._replace_endpoint(self._running[name], plan.settings.endpoint(name))
-        for name in plan.added:
-            self.metrics.register_endpoint(name)
-            await self._start_endpoint(plan.settings.endpoint(name))
+        failed: list[str] = []
+        for name in (*plan.removed, *plan.changed, *plan.added):
+            try:
+                if name in plan.removed:
+                    await self._remove_endpoint(name)
+                elif name in plan.changed:
+                    await self._replace_endpoint(self._running[name], plan.settings.endpoint(name))
+                else:
+                    self.metrics.register_endpoint(name)
+                    await self._start_endpoint(plan.settings.endpoint(name))
+            except (HooklineError, aio_pika.exceptions.AMQPError, ConnectionError) as exc:
+                # The broker refused or dropped mid-change: keep trying to start this
+                # endpoint's new consumer in the background until it works.
+                failed.append(name)
+                log.error("config_reload_failed", endpoint=name, error=str(exc) or
+                          exc.__class__.__name__)  # fmt: skip
+                if name not in plan.removed:
+                    self._keep_starting(plan.settings.endpoint(name))
         log.info("config_reloaded", added=list(plan.added), removed=list(plan.removed),
-                 changed=list(plan.changed), unchanged=len(plan.unchanged))  # fmt: skip
+                 changed=list(plan.changed), unchanged=len(plan.unchanged),
+                 failed=failed)  # fmt: skip
+
+    def _keep_starting(self, endpoint: EndpointSettings) -> None:
+        task = asyncio.create_task(
+            self._start_with_backoff(endpoint), name=f"start-{endpoint.name}"
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _start_with_backoff(self, endpoint: EndpointSettings) -> None:
+        delay_s = CONNECT_RETRY_FIRST_S
+        while not self._stopping:
+            await asyncio.sleep(delay_s)
+            if endpoint not in self.settings.endpoints:
+                return  # a later reload changed or removed it
+            try:
+                await self._start_endpoint(endpoint)
+            except (HooklineError, aio_pika.exceptions.AMQPError, ConnectionError) as exc:
+                log.warning("endpoint_start_failed", endpoint=endpoint.name,
+                            error=exc.__class__.__name__, retry_in_s=delay_s)  # fmt: skip
+                delay_s = min(delay_s * 2, self.settings.broker.connect_retry_max_s)
+            else:
+                log.info("endpoint_started", endpoint=endpoint.name)
+                return
 
     async def _replace_endpoint(self, running: RunningEndpoint, endpoint: EndpointSettings) -> None:
         """Stop the old consumer, start the new one, and let the old one finish its work.
