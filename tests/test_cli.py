@@ -211,27 +211,30 @@ async def test_secrets_never_appear_in_any_output(
     )  # fmt: skip
     receiver.script("/bad", 500)
     config = write_config(tmp_path, document)
-    outputs: list[str] = []
-    code, out, err = await run("-m", "worker", "check-config", "--config", str(config))
-    outputs += [out, err]
-    async with WorkerProcess(config) as worker:
-        started = await worker.wait_for_log("worker_consuming")
-        code, out, err = await run(
-            "-m", "producer", "publish", "--config", str(config), "--type", "canary.x"
-        )
+    try:
+        outputs: list[str] = []
+        code, out, err = await run("-m", "worker", "check-config", "--config", str(config))
         outputs += [out, err]
-        await receiver.wait_for(lambda: len(receiver.on("/bad")) == 2)
-        port = json.loads(next(line for line in worker.log_lines if "worker_starting" in line))[
-            "metrics_port"
-        ]
-        url = f"http://127.0.0.1:{port}/metrics"
-        async with aiohttp.ClientSession() as session, session.get(url) as response:
-            outputs.append(await response.text())
-        await asyncio.sleep(0.3)
-        assert await worker.stop() == 0
-    outputs += worker.log_lines
-    code, out, err = await run("-m", "worker", "dlq", "list", "--config", str(config))
-    outputs += [out, err]
+        async with WorkerProcess(config) as worker:
+            started = await worker.wait_for_log("worker_consuming")
+            code, out, err = await run(
+                "-m", "producer", "publish", "--config", str(config), "--type", "canary.x"
+            )
+            outputs += [out, err]
+            await receiver.wait_for(lambda: len(receiver.on("/bad")) == 2)
+            port = json.loads(next(line for line in worker.log_lines if "worker_starting" in line))[
+                "metrics_port"
+            ]
+            url = f"http://127.0.0.1:{port}/metrics"
+            async with aiohttp.ClientSession() as session, session.get(url) as response:
+                outputs.append(await response.text())
+            await asyncio.sleep(0.3)
+            assert await worker.stop() == 0
+        outputs += worker.log_lines
+        code, out, err = await run("-m", "worker", "dlq", "list", "--config", str(config))
+        outputs += [out, err]
+    finally:
+        await broker.delete_all(settings_from_document(document, config, {}))
     document["endpoints"][0]["secret"] = secret[:20]  # too short: rejected at load
     code, out, err = await run("-m", "worker", "check-config", "--config",
                                str(write_config(tmp_path, document)))  # fmt: skip

@@ -242,3 +242,32 @@ async def test_every_metric_queried_is_exported_by_a_running_worker(
     assert len(queried) >= 12
     missing = sorted(queried - exported)
     assert missing == [], f"queried but not exported: {missing}"
+
+
+def test_dashboard_panels_are_laid_out_and_their_queries_parse(tmp_path: Path) -> None:
+    """Unique panel ids, no overlapping panels, every panel on the provisioned datasource,
+    and every query valid PromQL (checked by promtool as recording rules, with Grafana's
+    variables replaced by what Grafana would substitute)."""
+    dashboard = json.loads((DEPLOY / "grafana" / "hookline.json").read_text())
+    panels = dashboard["panels"]
+    assert len({panel["id"] for panel in panels}) == len(panels)
+    cells = set()
+    for panel in panels:
+        grid = panel["gridPos"]
+        area = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"])
+                for y in range(grid["y"], grid["y"] + grid["h"])}  # fmt: skip
+        assert grid["x"] + grid["w"] <= 24 and not area & cells, panel["title"]
+        cells |= area
+        assert panel["datasource"]["uid"] == "${datasource}"
+    queries = [target["expr"] for panel in panels for target in panel["targets"]]
+    substituted = [q.replace("$__rate_interval", "1m").replace("$endpoint", ".*") for q in queries]
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:query_{n}", "expr": query} for n, query in enumerate(substituted)
+    ]}]}  # fmt: skip
+    path = tmp_path / "dashboard_rules.yml"
+    path.write_text(yaml.safe_dump(rules))
+    result = subprocess.run(
+        [promtool(), "check", "rules", str(path)], capture_output=True, text=True, timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -7,6 +7,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from producer import __version__
 
+# The reasons a delivery can dead-letter with (``dlq retire``'s endpoint_removed is not one).
+DEAD_LETTER_REASONS = ("invalid_envelope", "blocked_destination", "no_retry_status",
+                       "attempts_exhausted")  # fmt: skip
 DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 END_TO_END_BUCKETS_S = (
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 10800, 43200, 86400,
@@ -130,6 +133,8 @@ class Metrics:
         self.end_to_end.labels(endpoint=endpoint)
         self.circuit_state.labels(endpoint=endpoint)
         self.rate_limited.labels(endpoint=endpoint)
+        for reason in DEAD_LETTER_REASONS:
+            self.dead_lettered.labels(endpoint=endpoint, reason=reason)
 
     def forget_endpoint(self, endpoint: str) -> None:
         """Drop a removed endpoint's gauges, so dashboards do not show stale depths."""
