@@ -21,7 +21,7 @@ from pydantic import SecretStr
 
 from producer import Publisher
 from worker import dlq
-from worker.cli import format_table
+from worker.cli_dlq import format_table
 from worker.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,6 +115,12 @@ async def main() -> None:
             await asyncio.sleep(0.5)
         say("python -m worker dlq list --config config.yaml")
         print(format_table(await dlq.list_dead_letters(settings)), flush=True)
+        say("python -m worker send-test --endpoint orders (a signed ping, straight to it)")
+        ping = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "worker", "send-test", "--config", str(CONFIG),
+            "--endpoint", "orders", cwd=ROOT,
+        )  # fmt: skip
+        await ping.wait()
         say(f"delivery counters from http://127.0.0.1:{settings.metrics.port}/metrics")
         async with aiohttp.ClientSession() as session:
             url = f"http://127.0.0.1:{settings.metrics.port}/metrics"

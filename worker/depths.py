@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,12 +35,15 @@ async def poll_depths(
     current_settings: Callable[[], Settings],
     metrics: Metrics,
     depths: QueueDepths,
+    stop: asyncio.Event,
 ) -> None:
-    """Every ``metrics.queue_poll_s``, record each queue's depth; runs until cancelled.
+    """Every ``metrics.queue_poll_s``, record each queue's depth, until ``stop`` is set.
 
     Settings are read afresh on each round, so endpoints added by a reload are polled too.
+    Stopped by the event rather than cancelled: cancelling a channel RPC mid-flight makes
+    aiormq close the channel, which sets aio-pika's robust recovery going during shutdown.
     """
-    while True:
+    while not stop.is_set():
         settings = current_settings()
         try:
             # A fresh channel each time: a failed passive declare closes its channel.
@@ -48,11 +52,10 @@ async def poll_depths(
                 await _poll_once(channel, settings, metrics, depths)
             finally:
                 await channel.close()
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:  # noqa: BLE001 - a missed poll only leaves gauges stale
             log.info("queue_depth_poll_skipped", error=exc.__class__.__name__)
-        await asyncio.sleep(settings.metrics.queue_poll_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=settings.metrics.queue_poll_s)
 
 
 async def _poll_once(

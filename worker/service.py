@@ -29,6 +29,8 @@ from worker.status import build_status
 from worker.topology import declare_dead_letter_queue, declare_unrouted_queue, unbind_patterns
 
 CONNECT_RETRY_FIRST_S = 0.5
+# A depth poll in progress at shutdown may finish its round (a few passive declares).
+POLLER_STOP_S = 5.0
 
 log = structlog.get_logger("hookline.worker")
 
@@ -82,7 +84,10 @@ class Worker:
         self._running: dict[str, RunningEndpoint] = {}
         self._started = False
         self._closing = False  # set while the worker closes its own connections
+        # Endpoints whose consumer could not start on a reload, being retried.
         self._background: set[asyncio.Task[None]] = set()
+        self._poller: asyncio.Task[None] | None = None
+        self._stop_polling = asyncio.Event()
         # Consumers replaced or removed by a reload, finishing their in-flight deliveries.
         self._retiring: set[asyncio.Task[None]] = set()
         for endpoint in settings.endpoints:
@@ -204,14 +209,11 @@ class Worker:
         for endpoint in self.settings.endpoints:
             await self._start_endpoint(endpoint)
         self.metrics.broker_connected.set(1)
-        self._background.add(
-            asyncio.create_task(
-                poll_depths(
-                    self._publish_connection, lambda: self.settings, self.metrics, self.depths
-                ),
-                name="poll-queue-depths",
-            )
-        )
+        self._poller = asyncio.create_task(
+            poll_depths(self._publish_connection, lambda: self.settings, self.metrics,
+                        self.depths, self._stop_polling),
+            name="poll-queue-depths",
+        )  # fmt: skip
 
     async def _start_endpoint(self, endpoint: EndpointSettings) -> None:
         assert self._consume_connection is not None
@@ -359,25 +361,39 @@ class Worker:
     async def _shutdown(self) -> None:
         self._closing = True
         self.metrics.ready.set(0)
-        for task in self._background:
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
         running = list(self._running.values())
-        for each in running:
-            await each.consumer.stop_consuming()
-        await self._drain(set().union(*(each.consumer.in_flight_tasks for each in running)))
-        await asyncio.gather(*self._retiring, return_exceptions=True)
-        if self._operational_events is not None:
-            await self._operational_events.close(self.settings.broker.publish_timeout_s)
-        for each in running:
-            await each.client.close()
-        for each in reversed(running):
-            await _close_quietly(each.channel)
-        if self._publish_channel is not None:
-            await _close_quietly(self._publish_channel)
-        await self._close_connections()
-        self.metrics.broker_connected.set(0)
+        try:
+            for each in running:
+                await each.consumer.stop_consuming()
+            for task in self._background:
+                task.cancel()
+            await asyncio.gather(*self._background, return_exceptions=True)
+            await self._drain(set().union(*(each.consumer.in_flight_tasks for each in running)))
+            await asyncio.gather(*self._retiring, return_exceptions=True)
+            await self._stop_poller()
+            if self._operational_events is not None:
+                await self._operational_events.close(self.settings.broker.publish_timeout_s)
+            for each in running:
+                await each.client.close()
+            for each in reversed(running):
+                await _close_quietly(each.channel)
+            if self._publish_channel is not None:
+                await _close_quietly(self._publish_channel)
+        finally:
+            # Whatever went wrong above, the connections close: unacked messages return.
+            await self._close_connections()
+            self.metrics.broker_connected.set(0)
         log.info("worker_stopped")
+
+    async def _stop_poller(self) -> None:
+        if self._poller is None:
+            return
+        self._stop_polling.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._poller), timeout=POLLER_STOP_S)
+        except TimeoutError:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
 
     async def _close_connections(self) -> None:
         for connection in (self._consume_connection, self._publish_connection):
