@@ -57,7 +57,7 @@ def test_defaults_fill_every_optional_key(tmp_path: Path) -> None:
 def test_repo_config_yaml_is_valid() -> None:
     """The demo config.yaml shipped at the top of the repo loads."""
     settings = load_settings(REPO / "config.yaml", environ={})
-    assert {e.name for e in settings.endpoints} == {"orders", "billing", "flaky"}
+    assert {e.name for e in settings.endpoints} == {"orders", "billing", "flaky", "ops"}
 
 
 def test_json_config_loads(tmp_path: Path) -> None:
