@@ -403,6 +403,17 @@ def write_config(directory: Path, document: dict[str, Any]) -> Path:
     return path
 
 
+async def run_python(*args: str, timeout_s: float = 60) -> tuple[int, str, str]:
+    """Run ``python *args`` in the repository; returns exit code, stdout and stderr."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, *args, cwd=REPO,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=timeout_s)
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
 async def publish_events(exchange: str, count: int, event_type: str, prefix: str) -> list[str]:
     """Publish ``count`` events with ids ``<prefix>-<n>``, all confirmed."""
     async with Publisher(AMQP_URL, exchange) as publisher:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import sys
 from pathlib import Path
 
 import aio_pika
@@ -14,30 +13,17 @@ import pytest
 import yaml
 
 from tests.conftest import (
-    REPO,
     SECRET_A,
     Broker,
     Receiver,
     WorkerProcess,
     endpoint,
     make_document,
+    run_python,
     write_config,
 )
 from worker.settings import settings_from_document
 from worker.topology import dead_letter_queue, endpoint_queue
-
-
-async def run(*args: str, timeout_s: float = 60) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *args,
-        cwd=REPO,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=timeout_s)
-    assert process.returncode is not None
-    return process.returncode, stdout.decode(), stderr.decode()
 
 
 @pytest.fixture
@@ -55,7 +41,7 @@ async def config(tmp_path: Path, exchange_name: str, receiver: Receiver, broker:
 
 async def test_check_config_prints_endpoints_and_bindings(config: Path) -> None:
     """check-config validates and summarises each endpoint's queue and bindings."""
-    code, out, _ = await run("-m", "worker", "check-config", "--config", str(config))
+    code, out, _ = await run_python("-m", "worker", "check-config", "--config", str(config))
     assert code == 0
     assert "orders" in out and "order.*" in out and ".endpoint.orders" in out
     assert SECRET_A not in out
@@ -75,11 +61,11 @@ async def test_bad_config_exits_2_without_traceback(tmp_path: Path, command: lis
     bad = write_config(
         tmp_path, {"broker": {"url": "amqp://x/", "exchang": "typo"}, "endpoints": []}
     )
-    code, out, err = await run(*command, "--config", str(bad))
+    code, out, err = await run_python(*command, "--config", str(bad))
     assert code == 2
     assert "Traceback" not in err + out
     assert f"{bad}: broker.exchang: unknown key" in err
-    code, _, err = await run(*command, "--config", str(tmp_path / "missing.yaml"))
+    code, _, err = await run_python(*command, "--config", str(tmp_path / "missing.yaml"))
     assert (code, "missing.yaml: file not found" in err, "Traceback" in err) == (2, True, False)
 
 
@@ -88,7 +74,7 @@ async def test_producer_cli_publishes_and_reports(
 ) -> None:
     """publish prints confirmed ids; --file publishes every line; unroutable and bad input fail."""
     await broker.declare(settings_from_document(yaml.safe_load(config.read_text()), config, {}))
-    code, out, _ = await run(
+    code, out, _ = await run_python(
         "-m",
         "producer",
         "publish",
@@ -106,16 +92,16 @@ async def test_producer_cli_publishes_and_reports(
     lines.write_text(
         "\n".join(json.dumps({"type": "order.paid", "data": {"i": i}}) for i in range(5))
     )
-    code, out, _ = await run(
+    code, out, _ = await run_python(
         "-m", "producer", "publish", "--config", str(config), "--file", str(lines)
     )
     assert code == 0 and len(out.split()) == 5
     assert await broker.depth(endpoint_queue(exchange_name, "orders")) == 6
-    code, _, err = await run(
+    code, _, err = await run_python(
         "-m", "producer", "publish", "--config", str(config), "--type", "nobody.listens"
     )
     assert code == 1 and "no queue is bound" in err
-    code, _, err = await run(
+    code, _, err = await run_python(
         "-m", "producer", "publish", "--config", str(config), "--type", "a.b", "--data", "[1]"
     )
     assert code == 2 and "--data" in err
@@ -129,7 +115,7 @@ async def test_worker_run_drains_on_sigterm_and_exits_0(
     events = write_events(config.parent, "slow.job", 12)
     async with WorkerProcess(config) as worker:
         await worker.wait_for_log("worker_consuming")
-        code, _, _ = await run(
+        code, _, _ = await run_python(
             "-m", "producer", "publish", "--config", str(config), "--file", str(events)
         )
         assert code == 0
@@ -156,7 +142,7 @@ async def test_worker_waits_for_an_unreachable_broker(tmp_path: Path) -> None:
 
 async def test_dlq_commands(config: Path, broker: Broker, exchange_name: str) -> None:
     """dlq list prints a table; purge insists on --yes; replay reports what it sent."""
-    code, out, _ = await run("-m", "worker", "dlq", "list", "--config", str(config))
+    code, out, _ = await run_python("-m", "worker", "dlq", "list", "--config", str(config))
     assert code == 0 and out.strip().endswith("0 dead letters")
     channel = await broker.connection.channel()
     await channel.default_exchange.publish(
@@ -173,16 +159,16 @@ async def test_dlq_commands(config: Path, broker: Broker, exchange_name: str) ->
         dead_letter_queue(exchange_name),
     )
     await channel.close()
-    code, out, _ = await run(
+    code, out, _ = await run_python(
         "-m", "worker", "dlq", "list", "--config", str(config), "--endpoint", "orders"
     )
     assert code == 0 and "d-1" in out and "attempts_exhausted" in out and "1 dead letter" in out
-    code, _, err = await run("-m", "worker", "dlq", "purge", "--config", str(config))
+    code, _, err = await run_python("-m", "worker", "dlq", "purge", "--config", str(config))
     assert code == 2 and "--yes" in err
-    code, out, _ = await run("-m", "worker", "dlq", "replay", "--config", str(config))
+    code, out, _ = await run_python("-m", "worker", "dlq", "replay", "--config", str(config))
     assert code == 0 and "replayed d-1 -> orders" in out
     assert await broker.depth(endpoint_queue(exchange_name, "orders")) == 1
-    code, _, err = await run(
+    code, _, err = await run_python(
         "-m", "worker", "dlq", "list", "--config", str(config), "--endpoint", "nope"
     )
     assert code == 2 and "nope" in err
@@ -213,11 +199,11 @@ async def test_secrets_never_appear_in_any_output(
     config = write_config(tmp_path, document)
     try:
         outputs: list[str] = []
-        code, out, err = await run("-m", "worker", "check-config", "--config", str(config))
+        code, out, err = await run_python("-m", "worker", "check-config", "--config", str(config))
         outputs += [out, err]
         async with WorkerProcess(config) as worker:
             started = await worker.wait_for_log("worker_consuming")
-            code, out, err = await run(
+            code, out, err = await run_python(
                 "-m", "producer", "publish", "--config", str(config), "--type", "canary.x"
             )
             outputs += [out, err]
@@ -231,12 +217,12 @@ async def test_secrets_never_appear_in_any_output(
             await asyncio.sleep(0.3)
             assert await worker.stop() == 0
         outputs += worker.log_lines
-        code, out, err = await run("-m", "worker", "dlq", "list", "--config", str(config))
+        code, out, err = await run_python("-m", "worker", "dlq", "list", "--config", str(config))
         outputs += [out, err]
     finally:
         await broker.delete_all(settings_from_document(document, config, {}))
     document["endpoints"][0]["secret"] = secret[:20]  # too short: rejected at load
-    code, out, err = await run("-m", "worker", "check-config", "--config",
+    code, out, err = await run_python("-m", "worker", "check-config", "--config",
                                str(write_config(tmp_path, document)))  # fmt: skip
     outputs += [out, err]
     assert code == 2

@@ -32,6 +32,7 @@ from tests.conftest import (
     eventually,
     make_document,
     make_settings,
+    run_python,
 )
 from worker import dlq
 from worker.settings import Settings
@@ -172,13 +173,7 @@ async def run_cli(settings: Settings, tmp_path: Path, *args: str) -> tuple[int, 
     config = tmp_path / "config.yaml"
     if not config.exists():
         config.write_text(yaml.safe_dump(settings_document(settings)))
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "worker", "dlq", *args, "--config", str(config), cwd=REPO,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(process.communicate(), timeout=120)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+    return await run_python("-m", "worker", "dlq", *args, "--config", str(config), timeout_s=120)
 
 
 def settings_document(settings: Settings) -> dict[str, object]:

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 from pathlib import Path
 
 from tests.conftest import (
-    REPO,
     Broker,
     Receiver,
     RunWorker,
@@ -16,6 +13,7 @@ from tests.conftest import (
     eventually,
     make_document,
     publish_events,
+    run_python,
     write_config,
 )
 from worker.settings import settings_from_document
@@ -23,13 +21,8 @@ from worker.topology import dead_letter_queue
 
 
 async def status(config: Path, *extra: str) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "worker", "status", "--config", str(config), *extra, cwd=REPO,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    out, _ = await asyncio.wait_for(process.communicate(), timeout=60)
-    assert process.returncode is not None
-    return process.returncode, out.decode()
+    code, out, err = await run_python("-m", "worker", "status", "--config", str(config), *extra)
+    return code, out + err
 
 
 async def test_status_reports_each_endpoint_from_broker_and_workers(

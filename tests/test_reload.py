@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +14,6 @@ from structlog.testing import capture_logs
 from producer import Publisher
 from tests.conftest import (
     AMQP_URL,
-    REPO,
     SECRET_A,
     SECRET_B,
     Broker,
@@ -26,6 +24,7 @@ from tests.conftest import (
     make_document,
     make_settings,
     publish_events,
+    run_python,
     write_config,
 )
 from worker.exceptions import Unroutable
@@ -79,13 +78,8 @@ def test_identical_config_changes_nothing() -> None:
 
 
 async def run_cli(*args: str) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "worker", *args, cwd=REPO,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    out, _ = await asyncio.wait_for(process.communicate(), timeout=60)
-    assert process.returncode is not None
-    return process.returncode, out.decode()
+    code, out, err = await run_python("-m", "worker", *args)
+    return code, out + err
 
 
 @pytest.mark.slow

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 from pathlib import Path
 
 from standardwebhooks.webhooks import Webhook
 
-from tests.conftest import REPO, SECRET_A, Receiver, endpoint, make_document, write_config
+from tests.conftest import SECRET_A, Receiver, endpoint, make_document, run_python, write_config
 
 
 async def send_test(config: Path, name: str) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "worker", "send-test", "--config", str(config), "--endpoint", name,
-        cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    out, _ = await asyncio.wait_for(process.communicate(), timeout=60)
-    assert process.returncode is not None
-    return process.returncode, out.decode()
+    code, out, err = await run_python(
+        "-m", "worker", "send-test", "--config", str(config), "--endpoint", name
+    )
+    return code, out + err
 
 
 async def test_send_test_posts_a_signed_ping_to_that_endpoint_only(

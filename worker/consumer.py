@@ -70,7 +70,6 @@ class EndpointConsumer:
     ) -> None:
         self._settings = settings
         self.endpoint = endpoint
-        self._endpoint = endpoint
         self._channel = channel
         self._client = client
         self._recorder = recorder
@@ -80,8 +79,8 @@ class EndpointConsumer:
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._started = False
-        self._stopping = False
-        self._stopped = asyncio.Event()  # wakes messages waiting for a rate-limit token
+        # Set once stopping; also wakes messages waiting for a rate-limit token.
+        self._stopped = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         # Circuit changes and cool-down timers; kept so that shutdown can cancel them.
         self._control_tasks: set[asyncio.Task[None]] = set()
@@ -110,7 +109,7 @@ class EndpointConsumer:
     @property
     def running(self) -> bool:
         """Started and not stopping; an open circuit is a running consumer's choice."""
-        return self._started and not self._stopping
+        return self._started and not self._stopped.is_set()
 
     @property
     def circuit_state(self) -> CircuitState:
@@ -136,7 +135,6 @@ class EndpointConsumer:
 
     async def stop_consuming(self) -> None:
         """Stop taking new messages; any that still arrive go back to the queue."""
-        self._stopping = True
         self._stopped.set()
         for task in self._control_tasks:
             task.cancel()
@@ -153,7 +151,7 @@ class EndpointConsumer:
         """Subscribe after a circuit change, retrying while the broker connection is down:
         a failure here must not leave the endpoint without a consumer for good."""
         delay_s = RESUBSCRIBE_FIRST_DELAY_S
-        while not self._stopping:
+        while not self._stopped.is_set():
             try:
                 await self._subscribe(prefetch)
                 return
@@ -190,7 +188,7 @@ class EndpointConsumer:
         return not self._holding_back()
 
     def _holding_back(self) -> bool:
-        return self._stopping or self.circuit_state is CircuitState.OPEN
+        return self._stopped.is_set() or self.circuit_state is CircuitState.OPEN
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self._acks.started(message)
@@ -270,7 +268,7 @@ class EndpointConsumer:
 
     async def _on_transition(self, transition: Transition, last_status: str) -> None:
         async with self._subscription_lock:
-            if self._stopping:
+            if self._stopped.is_set():
                 return
             self._circuit_state.set(transition.new.value)
             if transition.new is CircuitState.OPEN:
@@ -302,7 +300,7 @@ class EndpointConsumer:
     async def _probe_after(self, cooldown_s: float) -> None:
         await asyncio.sleep(cooldown_s)
         async with self._subscription_lock:
-            if self._stopping or self.breaker is None:
+            if self._stopped.is_set() or self.breaker is None:
                 return
             transition = self.breaker.half_open()
             self._circuit_state.set(transition.new.value)

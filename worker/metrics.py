@@ -6,10 +6,12 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from producer import __version__
+from worker.retry import Reason
 
 # The reasons a delivery can dead-letter with (``dlq retire``'s endpoint_removed is not one).
-DEAD_LETTER_REASONS = ("invalid_envelope", "blocked_destination", "no_retry_status",
-                       "attempts_exhausted")  # fmt: skip
+DEAD_LETTER_REASONS = tuple(
+    reason.value for reason in Reason if reason is not Reason.ENDPOINT_REMOVED
+)
 DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 END_TO_END_BUCKETS_S = (
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 10800, 43200, 86400,

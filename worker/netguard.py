@@ -23,7 +23,6 @@ NAT64_NETWORKS = (
     ipaddress.IPv6Network("64:ff9b::/96"),
     ipaddress.IPv6Network("64:ff9b:1::/48"),
 )
-SIX_TO_FOUR = ipaddress.IPv6Network("2002::/16")
 
 
 def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:

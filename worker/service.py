@@ -26,7 +26,12 @@ from worker.reload import plan_reload
 from worker.server import HealthServer
 from worker.settings import EndpointSettings, Settings
 from worker.status import build_status
-from worker.topology import declare_dead_letter_queue, declare_unrouted_queue, unbind_patterns
+from worker.topology import (
+    declare_dead_letter_queue,
+    declare_unrouted_queue,
+    inspect_queue,
+    unbind_patterns,
+)
 
 CONNECT_RETRY_FIRST_S = 0.5
 # A depth poll in progress at shutdown may finish its round (a few passive declares).
@@ -37,7 +42,6 @@ log = structlog.get_logger("hookline.worker")
 
 @dataclass(slots=True)
 class RunningEndpoint:
-    endpoint: EndpointSettings
     channel: AbstractChannel
     client: EndpointClient
     consumer: EndpointConsumer
@@ -236,7 +240,7 @@ class Worker:
             await client.close()
             await _close_quietly(channel)
             raise
-        self._running[endpoint.name] = RunningEndpoint(endpoint, channel, client, consumer)
+        self._running[endpoint.name] = RunningEndpoint(channel, client, consumer)
 
     async def reload(self) -> None:
         """Apply a re-read config: endpoints added, removed or changed; or keep the old one."""
@@ -307,7 +311,7 @@ class Worker:
         is attempted twice or dropped.
         """
         await running.consumer.stop_consuming()
-        dropped = set(running.endpoint.events) - set(endpoint.events)
+        dropped = set(running.consumer.endpoint.events) - set(endpoint.events)
         if dropped and running.consumer.queue is not None:
             await unbind_patterns(running.consumer.queue, self.settings.broker.exchange, dropped)
         self._retire(running)
@@ -317,24 +321,27 @@ class Worker:
         """Unbind it so no new events queue up, and leave what is queued where it is."""
         running = self._running.pop(name)
         await running.consumer.stop_consuming()
-        queued: int | None = None
-        if running.consumer.queue is not None:
+        queue = running.consumer.queue
+        if queue is not None:
             await unbind_patterns(
-                running.consumer.queue, self.settings.broker.exchange, running.endpoint.events
+                queue, self.settings.broker.exchange, running.consumer.endpoint.events
             )
-            with contextlib.suppress(Exception):
-                queued = (await running.channel.declare_queue(
-                    running.consumer.queue.name, passive=True
-                )).declaration_result.message_count  # fmt: skip
         self._retire(running)
         self.metrics.forget_endpoint(name)
+        queued: int | None = None
+        if queue is not None and self._consume_connection is not None:
+            with contextlib.suppress(Exception):  # only the count in the log line is missed
+                inspected = await inspect_queue(self._consume_connection, queue.name)
+                queued = inspected[0] if inspected is not None else None
         log.warning("endpoint_removed", endpoint=name, queued=queued,
                     hint="its queue and delay queues are kept: re-add the endpoint to deliver "
                     "them, or `python -m worker dlq retire` to move them to the dead-letter "
                     "queue")  # fmt: skip
 
     def _retire(self, running: RunningEndpoint) -> None:
-        task = asyncio.create_task(self._finish(running), name=f"retire-{running.endpoint.name}")
+        task = asyncio.create_task(
+            self._finish(running), name=f"retire-{running.consumer.endpoint.name}"
+        )
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
