@@ -20,7 +20,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange
 
-MANDATORY_HEADER = "hookline-mandatory"
+from producer.headers import MANDATORY
 
 
 def unrouted_exchange(exchange: str) -> str:
@@ -55,7 +55,7 @@ async def declare_exchange(channel: AbstractChannel, exchange: str) -> AbstractE
     )
     # Headers exchanges cannot match "header absent", so SDK events are matched here and
     # everything else falls through to the alternate exchange, the capture queue.
-    await returned.bind(unrouted, arguments={"x-match": "all", MANDATORY_HEADER: "1"})
+    await returned.bind(unrouted, arguments={"x-match": "all", MANDATORY: "1"})
     return await channel.declare_exchange(
         exchange,
         aio_pika.ExchangeType.TOPIC,

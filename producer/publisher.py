@@ -21,7 +21,8 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnec
 
 from producer.envelope import build_body
 from producer.exceptions import NotConfirmed, Unroutable
-from producer.exchange import MANDATORY_HEADER, declare_exchange
+from producer.exchange import declare_exchange
+from producer.headers import MANDATORY
 from producer.settings import BrokerSettings, mask_url
 
 CONTENT_TYPE = "application/json"
@@ -185,7 +186,7 @@ class Publisher:
         """Publish an already serialised envelope (routing key = its type)."""
         if self._exchange is None or self._connection is None:
             raise RuntimeError("Publisher is not connected; use 'async with Publisher(...)'")
-        message = persistent_message(body, message_id=event_id, headers={MANDATORY_HEADER: "1"})
+        message = persistent_message(body, message_id=event_id, headers={MANDATORY: "1"})
         deadline = time.monotonic() + self._retry_for_s
         pause_s = RETRY_FIRST_PAUSE_S
         while True:

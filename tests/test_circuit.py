@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 
 from tests.conftest import Broker, Receiver, RunWorker, endpoint, make_settings, publish_events
 from worker.circuit import CircuitBreaker, CircuitState
-from worker.delivery import AttemptResult
+from worker.outcomes import AttemptResult, ErrorKind
 from worker.settings import CircuitBreakerSettings
 from worker.topology import endpoint_queue
 
@@ -156,13 +156,14 @@ async def test_failed_probes_reopen_with_growing_cooldown(
 
 
 def test_only_unavailability_counts_against_the_circuit() -> None:
-    """5xx, 408, 429 and network errors count; a 4xx refusal or a bad message does not."""
+    """5xx, 408, 429 and network errors count; a 4xx refusal, a refused destination or
+    Hookline's own failure does not."""
     unavailable = [AttemptResult(status=503), AttemptResult(status=429),
-                   AttemptResult(status=408), AttemptResult(error="timeout"),
-                   AttemptResult(error="connection_error"),
-                   AttemptResult(error="tls_error")]  # fmt: skip
+                   AttemptResult(status=408), AttemptResult(error=ErrorKind.TIMEOUT),
+                   AttemptResult(error=ErrorKind.CONNECTION_ERROR),
+                   AttemptResult(error=ErrorKind.TLS_ERROR)]  # fmt: skip
     available = [AttemptResult(status=200), AttemptResult(status=400), AttemptResult(status=410),
-                 AttemptResult(error="invalid_envelope"),
-                 AttemptResult(error="blocked_destination")]  # fmt: skip
+                 AttemptResult(error=ErrorKind.HANDLER_ERROR),
+                 AttemptResult(error=ErrorKind.BLOCKED_DESTINATION)]  # fmt: skip
     assert all(result.endpoint_unavailable for result in unavailable)
     assert not any(result.endpoint_unavailable for result in available)

@@ -17,7 +17,8 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from standardwebhooks.webhooks import Webhook
 
 from tests.conftest import SECRET_A, Receiver, endpoint, make_settings
-from worker.delivery import AttemptResult, EndpointClient, parse_retry_after
+from worker.delivery import EndpointClient, parse_retry_after
+from worker.outcomes import AttemptResult
 from worker.settings import Settings
 
 

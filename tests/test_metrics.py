@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import generate_latest
 
 from worker.metrics import DEAD_LETTER_REASONS, Metrics
-from worker.retry import Reason
+from worker.outcomes import Reason
 
 
 def test_every_delivery_dead_letter_reason_is_precreated() -> None:

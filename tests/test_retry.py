@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from worker.delivery import AttemptResult, invalid_envelope
-from worker.retry import Action, Reason, decide, delay_tiers, next_delay
+from worker.outcomes import Action, AttemptResult, ErrorKind, Reason
+from worker.retry import MAX_HANDLER_ERRORS, decide, delay_tiers, next_delay
 from worker.settings import RetrySettings
 
 RETRY = RetrySettings(delays_s=(5, 30, 120), no_retry_statuses=frozenset({410, 422}))
@@ -20,7 +20,17 @@ def test_2xx_is_delivered(status: int) -> None:
 @pytest.mark.parametrize(
     "result",
     [AttemptResult(status=s) for s in (301, 400, 404, 429, 500, 503)]
-    + [AttemptResult(error=e) for e in ("timeout", "connection_error", "dns_error", "tls_error")],
+    + [
+        AttemptResult(error=e)
+        for e in (
+            ErrorKind.TIMEOUT,
+            ErrorKind.CONNECTION_ERROR,
+            ErrorKind.DNS_ERROR,
+            ErrorKind.TLS_ERROR,
+            ErrorKind.PROTOCOL_ERROR,
+            ErrorKind.HANDLER_ERROR,
+        )
+    ],
 )
 def test_failures_retry_on_the_schedule(result: AttemptResult) -> None:
     """Non-2xx and transport errors retry with delays_s[attempt - 1]."""
@@ -36,10 +46,9 @@ def test_last_attempt_dead_letters_as_exhausted() -> None:
 
 
 def test_immediate_dead_letter_reasons() -> None:
-    """no_retry_statuses, invalid envelopes and blocked destinations never retry."""
+    """no_retry_statuses and blocked destinations never retry."""
     assert decide(AttemptResult(status=422), 1, RETRY).reason is Reason.NO_RETRY_STATUS
-    assert decide(invalid_envelope("x"), 1, RETRY).reason is Reason.INVALID_ENVELOPE
-    blocked = AttemptResult(error="blocked_destination")
+    blocked = AttemptResult(error=ErrorKind.BLOCKED_DESTINATION)
     assert decide(blocked, 1, RETRY).reason is Reason.BLOCKED_DESTINATION
 
 
@@ -57,3 +66,14 @@ def test_no_delays_means_one_attempt() -> None:
     once = RetrySettings(delays_s=())
     assert decide(AttemptResult(status=500), 1, once).reason is Reason.ATTEMPTS_EXHAUSTED
     assert delay_tiers(RetrySettings(delays_s=(5, 5, 1))) == (1, 5)
+
+
+def test_handler_errors_are_bounded() -> None:
+    """Hookline's own failure retries like any failure, but dead-letters as handler_error
+    after MAX_HANDLER_ERRORS of them, or when it was the last attempt."""
+    crashed = AttemptResult(error=ErrorKind.HANDLER_ERROR)
+    assert decide(crashed, 1, RETRY, handler_errors=1).action is Action.RETRY
+    assert decide(crashed, 2, RETRY, handler_errors=MAX_HANDLER_ERRORS).reason is (
+        Reason.HANDLER_ERROR
+    )
+    assert decide(crashed, 4, RETRY, handler_errors=1).reason is Reason.HANDLER_ERROR

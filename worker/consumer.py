@@ -18,16 +18,18 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from prometheus_client import Counter
 
 from producer.envelope import Envelope, parse_envelope
+from producer.headers import attempts_made
 from worker.acks import AckCoalescer
 from worker.circuit import CircuitBreaker, CircuitState, Transition
-from worker.delivery import AttemptResult, EndpointClient, invalid_envelope
+from worker.delivery import EndpointClient
 from worker.exceptions import InvalidEnvelope, PublishError
 from worker.metrics import Metrics
 from worker.opsevents import OperationalEvents
+from worker.outcomes import Action, AttemptResult, Decision, ErrorKind, Reason
 from worker.ratelimit import TokenBucket
 from worker.recent import RecentOutcomes
-from worker.recorder import Recorder, attempts_made, settle
-from worker.retry import Action, Decision, decide
+from worker.recorder import Recorder, settle
+from worker.retry import decide
 from worker.settings import EndpointSettings, Settings
 from worker.topology import declare_endpoint
 
@@ -216,7 +218,8 @@ class EndpointConsumer:
         try:
             envelope = parse_envelope(message.body, self._settings.delivery.max_body_bytes)
         except InvalidEnvelope as exc:
-            result = invalid_envelope(str(exc))
+            result = AttemptResult(detail=str(exc))
+            decision = Decision(Action.DEAD_LETTER, reason=Reason.INVALID_ENVELOPE)
             log = log.bind(message_id=message.message_id)
         else:
             log = log.bind(event_id=envelope.id, event_type=envelope.type)
@@ -224,7 +227,7 @@ class EndpointConsumer:
                 await self._requeue(message)
                 return
             result = await self._attempt(envelope, message.body)
-        decision = decide(result, attempt, self._settings.retry)
+            decision = decide(result, attempt, self._settings.retry)
         try:
             await self._record(message, decision, result, attempt)
         except PublishError as exc:
@@ -249,7 +252,7 @@ class EndpointConsumer:
                 attempts=attempt,
                 last_status=result.last_status,
             )
-        if result.error != "invalid_envelope":
+        if envelope is not None:
             self._count(result)
 
     def _count(self, result: AttemptResult) -> None:
@@ -313,7 +316,7 @@ class EndpointConsumer:
             result = await self._client.attempt(envelope.id, body)
         finally:
             self._in_flight.dec()
-        if result.error != "blocked_destination":
+        if result.error is not ErrorKind.BLOCKED_DESTINATION:
             self._duration.observe(result.duration_s)
         counter = self._status_classes.get(result.status_class)
         if counter is None:
@@ -334,7 +337,11 @@ class EndpointConsumer:
         if decision.action is Action.RETRY:
             assert decision.delay_s is not None
             await self._recorder.schedule_retry(
-                message, self.endpoint.name, attempt, decision.delay_s
+                message,
+                self.endpoint.name,
+                attempts=attempt,
+                handler_errors=0,
+                delay_s=decision.delay_s,
             )
         elif decision.action is Action.DEAD_LETTER:
             assert decision.reason is not None
@@ -342,7 +349,7 @@ class EndpointConsumer:
                 message,
                 endpoint=self.endpoint.name,
                 reason=decision.reason,
-                attempts=attempt if result.error != "invalid_envelope" else attempt - 1,
+                attempts=attempt if decision.reason is not Reason.INVALID_ENVELOPE else attempt - 1,
                 last_status=result.last_status,
                 detail=result.detail,
             )

@@ -7,7 +7,6 @@ import email.utils
 import socket
 import ssl
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import aiohttp
@@ -16,57 +15,17 @@ from aiohttp.abc import AbstractResolver
 from producer import __version__
 from worker.exceptions import BlockedDestination
 from worker.netguard import GuardedResolver, check_literal_host
+from worker.outcomes import AttemptResult, ErrorKind
 from worker.settings import EndpointSettings, Settings
 from worker.signing import signature_header
 
 USER_AGENT = f"Hookline/{__version__}"
 RETRY_AFTER_STATUSES = frozenset({429, 503})
-UNAVAILABLE_STATUSES = frozenset({408, 429})
 LOG_EXCERPT_CHARS = 1024
 # Bounds on what an endpoint may send back before its body: status line and each header
 # line, and the number of headers.
 MAX_RESPONSE_LINE_BYTES = 8190
 MAX_RESPONSE_HEADERS = 100
-
-
-@dataclass(frozen=True, slots=True)
-class AttemptResult:
-    """What one attempt came to: an HTTP status, or the class of error that prevented one."""
-
-    status: int | None = None
-    error: str | None = None
-    detail: str = ""
-    retry_after_s: float | None = None
-    duration_s: float = 0.0
-
-    @property
-    def delivered(self) -> bool:
-        return self.status is not None and 200 <= self.status < 300
-
-    @property
-    def endpoint_unavailable(self) -> bool:
-        """What the circuit breaker counts: the endpoint could not take the event at all
-        (server error, overload, timeout, network). A 4xx means it is up and chose to
-        refuse this event: retries and the dead-letter queue handle that."""
-        if self.status is not None:
-            return self.status >= 500 or self.status in UNAVAILABLE_STATUSES
-        return self.error not in (None, "invalid_envelope", "blocked_destination")
-
-    @property
-    def last_status(self) -> str:
-        """The ``hookline-last-status`` value: the HTTP status or the error class."""
-        return str(self.status) if self.status is not None else (self.error or "none")
-
-    @property
-    def status_class(self) -> str:
-        """A small fixed label set for metrics: ``2xx``..``5xx`` or the error class."""
-        if self.status is not None:
-            return f"{self.status // 100}xx" if 100 <= self.status < 600 else "other"
-        return self.error or "other"
-
-
-def invalid_envelope(reason: str) -> AttemptResult:
-    return AttemptResult(error="invalid_envelope", detail=reason)
 
 
 class EndpointClient:
@@ -130,7 +89,7 @@ class EndpointClient:
     async def attempt(self, event_id: str, body: bytes) -> AttemptResult:
         """POST ``body`` once, signed for this moment; never raises for delivery failures."""
         if self._literal_block is not None:
-            return AttemptResult(error="blocked_destination", detail=self._literal_block)
+            return AttemptResult(error=ErrorKind.BLOCKED_DESTINATION, detail=self._literal_block)
         timestamp = int(time.time())
         headers = {
             "content-type": "application/json",
@@ -181,26 +140,26 @@ class EndpointClient:
         return b"".join(chunks).decode("utf-8", "replace")[:LOG_EXCERPT_CHARS]
 
 
-def classify_error(exc: BaseException) -> tuple[str, str]:
+def classify_error(exc: BaseException) -> tuple[ErrorKind, str]:
     """The one translation of aiohttp's exceptions into Hookline's error classes."""
     if isinstance(exc, BlockedDestination):
-        return "blocked_destination", str(exc)
+        return ErrorKind.BLOCKED_DESTINATION, str(exc)
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
-        return "timeout", "no response within the timeout"
+        return ErrorKind.TIMEOUT, "no response within the timeout"
     if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
-        return "tls_error", exc.__class__.__name__
+        return ErrorKind.TLS_ERROR, exc.__class__.__name__
     if isinstance(exc, aiohttp.ClientConnectorDNSError | socket.gaierror):
-        return "dns_error", "host name did not resolve"
+        return ErrorKind.DNS_ERROR, "host name did not resolve"
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return "connection_error", f"cannot connect: {exc.os_error.__class__.__name__}"
+        return ErrorKind.CONNECTION_ERROR, f"cannot connect: {exc.os_error.__class__.__name__}"
     if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
-        return "connection_error", exc.__class__.__name__
+        return ErrorKind.CONNECTION_ERROR, exc.__class__.__name__
     if isinstance(exc, aiohttp.ClientResponseError):
-        return "protocol_error", exc.__class__.__name__
+        return ErrorKind.PROTOCOL_ERROR, exc.__class__.__name__
     if isinstance(exc, aiohttp.ClientError | OSError):
-        return "connection_error", exc.__class__.__name__
+        return ErrorKind.CONNECTION_ERROR, exc.__class__.__name__
     if isinstance(exc, ValueError):
-        return "protocol_error", exc.__class__.__name__
+        return ErrorKind.PROTOCOL_ERROR, exc.__class__.__name__
     raise exc
 
 

@@ -27,11 +27,13 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
+from producer import headers
 from producer.connection import connect
 from producer.publisher import publish_confirmed
+from worker.outcomes import Reason
 from worker.ratelimit import TokenBucket
-from worker.recorder import Recorder, attempts_made, carried_headers, copy_message, settle
-from worker.retry import Reason, delay_tiers
+from worker.recorder import Recorder, copy_message, settle
+from worker.retry import delay_tiers
 from worker.settings import Settings
 from worker.topology import (
     declare_all,
@@ -62,22 +64,22 @@ class DeadLetter:
 
     @classmethod
     def from_message(cls, message: AbstractIncomingMessage) -> DeadLetter:
-        headers = message.headers or {}
+        found = message.headers or {}
 
         def header(name: str) -> str:
-            value = headers.get(name, "")
+            value = found.get(name, "")
             return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
         event_id, event_type = _id_and_type(message.body)
         return cls(
             event_id=event_id or message.message_id or "-",
             event_type=event_type or "-",
-            endpoint=header("hookline-endpoint"),
-            reason=header("hookline-reason"),
-            attempts=header("hookline-attempts"),
-            last_status=header("hookline-last-status"),
-            dead_lettered_at=header("hookline-dead-lettered-at"),
-            detail=header("hookline-detail"),
+            endpoint=header(headers.ENDPOINT),
+            reason=header(headers.REASON),
+            attempts=header(headers.ATTEMPTS),
+            last_status=header(headers.LAST_STATUS),
+            dead_lettered_at=header(headers.DEAD_LETTERED_AT),
+            detail=header(headers.DETAIL),
         )
 
     @property
@@ -244,7 +246,7 @@ async def replay(
                     await pace.acquire()
                 await publish_confirmed(
                     channel.default_exchange,
-                    copy_message(message, carried_headers(message.headers)),
+                    copy_message(message, headers.replay_headers(message.headers)),
                     endpoint_queue(settings.broker.exchange, letter.endpoint),
                     settings.broker.publish_timeout_s,
                 )
@@ -343,7 +345,7 @@ async def retire(settings: Settings, endpoint: str) -> int:
                     message,
                     endpoint=endpoint,
                     reason=Reason.ENDPOINT_REMOVED,
-                    attempts=attempts_made(message.headers),
+                    attempts=headers.attempts_made(message.headers),
                     last_status="none",
                     detail=f"endpoint removed from the config; retired from {name}",
                 )

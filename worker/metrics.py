@@ -6,7 +6,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from producer import __version__
-from worker.retry import Reason
+from worker.outcomes import Reason
 
 # The reasons a delivery can dead-letter with (``dlq retire``'s endpoint_removed is not one).
 DEAD_LETTER_REASONS = tuple(

@@ -1,53 +1,33 @@
 """Recording an outcome on the broker before the original is acked.
 
 Retries and dead-letters are new persistent messages published with confirms; the
-original is acked only after the broker has confirmed its copy. Every ``x-`` header is
-dropped from the copy: RabbitMQ silently drops messages whose ``x-death`` says they have
-been round a dead-letter loop.
+original is acked only after the broker has confirmed its copy. The copy's headers come
+from :mod:`producer.headers`: no ``x-`` header is ever copied (RabbitMQ silently drops
+messages whose ``x-death`` says they have been round a dead-letter loop), and publisher
+headers that would not survive re-encoding are left out and named.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
+from producer import headers
 from producer.publisher import publish_confirmed
-from worker.retry import Reason
+from worker.outcomes import Reason
 from worker.topology import dead_letter_queue, delay_queue
 
-ATTEMPTS_HEADER = "hookline-attempts"
-MAX_DETAIL_CHARS = 512
 
-
-def attempts_made(headers: Mapping[str, Any] | None) -> int:
-    """Attempts already made, from our own header (``x-death`` counts are not reliable)."""
-    value = (headers or {}).get(ATTEMPTS_HEADER, 0)
-    if isinstance(value, bytes):
-        value = value.decode("ascii", "replace")
-    try:
-        return max(0, min(int(value), 1_000_000))
-    except (TypeError, ValueError):
-        return 0
-
-
-def carried_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The publisher's own headers: without ``x-`` (broker) or ``hookline-`` (our state)."""
-    return {
-        name: value
-        for name, value in (headers or {}).items()
-        if not name.lower().startswith(("x-", "hookline-"))
-    }
-
-
-def copy_message(original: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
+def copy_message(
+    original: AbstractIncomingMessage, new_headers: dict[str, Any]
+) -> aio_pika.Message:
+    """A persistent copy of ``original`` with ``new_headers``; the body is never changed."""
     return aio_pika.Message(
         original.body,
-        headers=headers,
+        headers=new_headers,
         content_type=original.content_type or "application/json",
         content_encoding=original.content_encoding,
         message_id=original.message_id,
@@ -68,13 +48,20 @@ class Recorder:
         self._timeout_s = timeout_s
 
     async def schedule_retry(
-        self, message: AbstractIncomingMessage, endpoint: str, attempt: int, delay_s: float
+        self,
+        message: AbstractIncomingMessage,
+        endpoint: str,
+        *,
+        attempts: int,
+        handler_errors: int,
+        delay_s: float,
     ) -> None:
-        headers = carried_headers(message.headers)
-        headers[ATTEMPTS_HEADER] = attempt
+        copy_headers = headers.retry_headers(
+            message.headers, attempts=attempts, handler_errors=handler_errors
+        )
         await publish_confirmed(
             self._default_exchange,
-            copy_message(message, headers),
+            copy_message(message, copy_headers),
             delay_queue(self._exchange_name, endpoint, delay_s),
             self._timeout_s,
         )
@@ -88,21 +75,20 @@ class Recorder:
         attempts: int,
         last_status: str,
         detail: str,
+        handler_errors: int = 0,
     ) -> None:
-        headers = carried_headers(message.headers)
-        headers.update(
-            {
-                "hookline-endpoint": endpoint,
-                "hookline-reason": reason.value,
-                "hookline-attempts": attempts,
-                "hookline-last-status": last_status,
-                "hookline-dead-lettered-at": datetime.now(UTC).isoformat(timespec="seconds"),
-                "hookline-detail": detail[:MAX_DETAIL_CHARS],
-            }
+        copy_headers = headers.dead_letter_headers(
+            message.headers,
+            endpoint=endpoint,
+            reason=reason.value,
+            attempts=attempts,
+            last_status=last_status,
+            detail=detail,
+            handler_errors=handler_errors,
         )
         await publish_confirmed(
             self._default_exchange,
-            copy_message(message, headers),
+            copy_message(message, copy_headers),
             dead_letter_queue(self._exchange_name),
             self._timeout_s,
         )

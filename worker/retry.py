@@ -3,49 +3,42 @@
 from __future__ import annotations
 
 import bisect
-import enum
-from dataclasses import dataclass
 
-from worker.delivery import AttemptResult
+from worker.outcomes import DELIVERED, Action, AttemptResult, Decision, ErrorKind, Reason
 from worker.settings import RetrySettings
 
+# A message on which the worker itself failed this many times is dead-lettered with reason
+# ``handler_error`` even if attempts remain: the failure is Hookline's, and repeating it on
+# the full schedule would only delay the operator's look at it.
+MAX_HANDLER_ERRORS = 3
 
-class Action(enum.Enum):
-    ACK = "delivered"
-    RETRY = "retried"
-    DEAD_LETTER = "dead_lettered"
-
-
-class Reason(enum.StrEnum):
-    """``hookline-reason`` values (public contract)."""
-
-    INVALID_ENVELOPE = "invalid_envelope"
-    BLOCKED_DESTINATION = "blocked_destination"
-    NO_RETRY_STATUS = "no_retry_status"
-    ATTEMPTS_EXHAUSTED = "attempts_exhausted"
-    ENDPOINT_REMOVED = "endpoint_removed"  # set by ``dlq retire``, never by a delivery
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    action: Action
-    delay_s: float | None = None
-    reason: Reason | None = None
+__all__ = [
+    "DELIVERED",
+    "MAX_HANDLER_ERRORS",
+    "Action",
+    "Decision",
+    "Reason",
+    "decide",
+    "delay_tiers",
+    "next_delay",
+]
 
 
-DELIVERED = Decision(Action.ACK)
-
-
-def decide(result: AttemptResult, attempt: int, retry: RetrySettings) -> Decision:
-    """What to do with a message whose ``attempt``-th attempt (1-based) ended in ``result``."""
+def decide(
+    result: AttemptResult, attempt: int, retry: RetrySettings, handler_errors: int = 0
+) -> Decision:
+    """What to do with a message whose ``attempt``-th attempt (1-based) ended in ``result``;
+    ``handler_errors`` counts the worker's own failures on it, this one included."""
     if result.delivered:
         return DELIVERED
-    if result.error == "invalid_envelope":
-        return Decision(Action.DEAD_LETTER, reason=Reason.INVALID_ENVELOPE)
-    if result.error == "blocked_destination":
+    if result.error is ErrorKind.BLOCKED_DESTINATION:
         return Decision(Action.DEAD_LETTER, reason=Reason.BLOCKED_DESTINATION)
     if result.status is not None and result.status in retry.no_retry_statuses:
         return Decision(Action.DEAD_LETTER, reason=Reason.NO_RETRY_STATUS)
+    if result.error is ErrorKind.HANDLER_ERROR and (
+        handler_errors >= MAX_HANDLER_ERRORS or attempt >= retry.max_attempts
+    ):
+        return Decision(Action.DEAD_LETTER, reason=Reason.HANDLER_ERROR)
     if attempt >= retry.max_attempts:
         return Decision(Action.DEAD_LETTER, reason=Reason.ATTEMPTS_EXHAUSTED)
     return Decision(Action.RETRY, delay_s=next_delay(retry, attempt, result.retry_after_s))

@@ -1,0 +1,213 @@
+"""Every ``hookline-*`` AMQP header: its name, and the one reader or writer of each.
+
+Publishers control every header a message arrives with (``hookline-*`` ones included), so
+each reader here is total: it returns a safe value for any input and never raises.
+
+Headers Hookline writes (public contract):
+
+- ``hookline-mandatory: "1"``: set by the SDK, so that an event no endpoint subscribes to
+  is returned to the publisher instead of being kept in ``<exchange>.unrouted``.
+- ``hookline-attempts``: attempts already made (on retry copies and dead letters).
+- ``hookline-handler-errors``: how many times the worker itself failed on the message.
+- ``hookline-dropped-headers``: names of publisher headers that could not be copied
+  losslessly into a retry or dead-letter copy and were left out (comma-separated).
+- Dead letters only: ``hookline-endpoint``, ``hookline-reason``, ``hookline-last-status``,
+  ``hookline-dead-lettered-at`` (RFC 3339, UTC) and ``hookline-detail``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from pamqp import decode, encode
+
+MANDATORY = "hookline-mandatory"
+ATTEMPTS = "hookline-attempts"
+HANDLER_ERRORS = "hookline-handler-errors"
+DROPPED_HEADERS = "hookline-dropped-headers"
+ENDPOINT = "hookline-endpoint"
+REASON = "hookline-reason"
+LAST_STATUS = "hookline-last-status"
+DEAD_LETTERED_AT = "hookline-dead-lettered-at"
+DETAIL = "hookline-detail"
+
+# Prefixes of headers that are never carried into copies: the broker's own (RabbitMQ drops
+# a message whose copied ``x-death`` says it went round a dead-letter loop) and Hookline's
+# state, which every copy writes afresh.
+NOT_CARRIED_PREFIXES = ("x-", "hookline-")
+MAX_COUNT = 1_000_000
+MAX_DETAIL_CHARS = 512
+MAX_DROPPED_NAMES_CHARS = 512
+
+
+def read_count(headers: Mapping[str, Any] | None, name: str) -> int:
+    """A non-negative counter header (``hookline-attempts``, ``hookline-handler-errors``).
+
+    Anything that is not a whole number (floats that are not integral, infinities, NaN,
+    decimals, junk strings, tables) reads as 0; huge values are capped at ``MAX_COUNT``.
+    """
+    value = (headers or {}).get(name, 0)
+    if isinstance(value, bytes | bytearray):
+        value = bytes(value).decode("ascii", "replace")
+    if isinstance(value, str):
+        value = value.strip()
+        if not (value.isascii() and value.isdigit() and len(value) <= 7):
+            return 0
+        return min(int(value), MAX_COUNT)
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            return 0
+        value = int(value)
+    if isinstance(value, int):
+        return max(0, min(value, MAX_COUNT))
+    return 0
+
+
+def attempts_made(headers: Mapping[str, Any] | None) -> int:
+    """Attempts already made, from our own header (``x-death`` counts are not reliable)."""
+    return read_count(headers, ATTEMPTS)
+
+
+def text(value: Any) -> str:
+    """A header value as text for display and matching; never raises."""
+    if value is None:
+        return ""
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "replace")
+    if isinstance(value, str):
+        return value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    try:
+        return str(value)
+    except Exception:  # noqa: BLE001 - a value whose str() fails is shown by its type
+        return f"<{type(value).__name__}>"
+
+
+def carried(headers: Mapping[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
+    """The publisher's own headers for a copy, and the names of those left out.
+
+    ``x-`` and ``hookline-`` headers are never carried. Every other value must survive
+    AMQP re-encoding unchanged: the client re-encodes some types differently from how they
+    arrived (a 64-bit float goes out as 32 bits, a millisecond timestamp loses its
+    milliseconds, a string that is not UTF-8 cannot go out as a string at all). Such a value
+    would change silently or make the publish fail, so it is left out and named instead.
+    Strings that are not UTF-8 travel as byte arrays, with the same bytes.
+    """
+    kept: dict[str, Any] = {}
+    dropped: list[str] = []
+    for name, value in (headers or {}).items():
+        if not isinstance(name, str) or name.lower().startswith(NOT_CARRIED_PREFIXES):
+            continue
+        portable = _portable(value)
+        if _survives_reencoding(name, portable):
+            kept[name] = portable
+        else:
+            dropped.append(name)
+    return kept, dropped
+
+
+def _portable(value: Any) -> Any:
+    # pamqp decodes a long string that is not UTF-8 as bytes, but only encodes bytearray.
+    if isinstance(value, bytes):
+        return bytearray(value)
+    if isinstance(value, dict):
+        return {key: _portable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_portable(item) for item in value]
+    return value
+
+
+def _survives_reencoding(name: str, value: Any) -> bool:
+    try:
+        encode.short_string(name)
+        _, decoded = decode.embedded_value(encode.encode_table_value(value))
+    except Exception:  # noqa: BLE001 - any failure to encode means "cannot be carried"
+        return False
+    return _same(decoded, value)
+
+
+def _same(left: Any, right: Any) -> bool:
+    if type(left) is not type(right):
+        return False
+    if isinstance(left, dict):
+        return left.keys() == right.keys() and all(_same(left[k], right[k]) for k in left)
+    if isinstance(left, list):
+        return len(left) == len(right) and all(
+            _same(a, b) for a, b in zip(left, right, strict=True)
+        )
+    return bool(left == right)
+
+
+def with_dropped(
+    headers: dict[str, Any], earlier: Mapping[str, Any] | None, dropped: list[str]
+) -> None:
+    """Record in ``headers`` which publisher headers were left out, now or by an earlier copy."""
+    names = [name for name in text((earlier or {}).get(DROPPED_HEADERS)).split(",") if name]
+    names += [printable_name(name) for name in dropped if printable_name(name) not in names]
+    if names:
+        headers[DROPPED_HEADERS] = ",".join(names)[:MAX_DROPPED_NAMES_CHARS]
+
+
+def printable_name(name: str) -> str:
+    """A header name fit for a note: printable ASCII, commas escaped, bounded."""
+    safe = "".join(c if " " < c <= "~" and c != "," else f"\\x{ord(c):02x}" for c in name[:64])
+    return safe if len(name) <= 64 else f"{safe}..."
+
+
+def dropped_note(headers: Mapping[str, Any]) -> str:
+    """The sentence a dead letter's ``hookline-detail`` ends with when headers were left out."""
+    names = text(headers.get(DROPPED_HEADERS))
+    return f" [headers left out of copies, not re-encodable: {names}]" if names else ""
+
+
+def retry_headers(
+    original: Mapping[str, Any] | None, *, attempts: int, handler_errors: int
+) -> dict[str, Any]:
+    """Headers of a retry copy."""
+    headers, dropped = carried(original)
+    headers[ATTEMPTS] = attempts
+    if handler_errors:
+        headers[HANDLER_ERRORS] = handler_errors
+    with_dropped(headers, original, dropped)
+    return headers
+
+
+def dead_letter_headers(
+    original: Mapping[str, Any] | None,
+    *,
+    endpoint: str,
+    reason: str,
+    attempts: int,
+    last_status: str,
+    detail: str,
+    handler_errors: int = 0,
+) -> dict[str, Any]:
+    """Headers of a dead-letter copy: the publisher's headers plus why it ended there."""
+    headers, dropped = carried(original)
+    with_dropped(headers, original, dropped)
+    headers.update(
+        {
+            ENDPOINT: endpoint,
+            REASON: reason,
+            ATTEMPTS: attempts,
+            LAST_STATUS: last_status,
+            DEAD_LETTERED_AT: datetime.now(UTC).isoformat(timespec="seconds"),
+            DETAIL: detail[:MAX_DETAIL_CHARS] + dropped_note(headers),
+        }
+    )
+    if handler_errors:
+        headers[HANDLER_ERRORS] = handler_errors
+    return headers
+
+
+def replay_headers(original: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Headers of a replayed dead letter: the publisher's, with fresh attempts."""
+    headers, dropped = carried(original)
+    with_dropped(headers, original, dropped)
+    return headers
