@@ -57,6 +57,10 @@ class Receiver:
     scripts: dict[str, list[tuple[int, dict[str, str], float]]] = field(default_factory=dict)
     # path -> f(webhook_id, earlier requests for that id) -> status; wins over scripts.
     deciders: dict[str, Callable[[str, int], int]] = field(default_factory=dict)
+    # path -> f(webhook_id, earlier requests) -> (status, headers, body); wins over both.
+    answers: dict[str, Callable[[str, int], tuple[int, dict[str, str], bytes]]] = field(
+        default_factory=dict
+    )
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
     def url(self, path: str) -> str:
@@ -99,11 +103,17 @@ class Receiver:
         path = request.path
         webhook_id = request.headers.get("webhook-id", "")
         decider = self.deciders.get(path)
+        answer = self.answers.get(path)
         headers: dict[str, str] = {}
         delay_s = 0.0
-        if decider is not None:
+        text = b"answer from the test receiver"
+        if answer is not None or decider is not None:
             earlier = sum(1 for r in self.on(path) if r.headers.get("webhook-id") == webhook_id)
-            status = decider(webhook_id, earlier)
+            if answer is not None:
+                status, headers, text = answer(webhook_id, earlier)
+            else:
+                assert decider is not None
+                status = decider(webhook_id, earlier)
         else:
             steps = self.scripts.get(path, [(200, {}, 0.0)])
             status, headers, delay_s = steps[min(len(self.on(path)), len(steps) - 1)]
@@ -112,7 +122,7 @@ class Receiver:
         self.arrived.set()
         if delay_s:
             await asyncio.sleep(delay_s)
-        return web.Response(status=status, headers=headers, text="answer from the test receiver")
+        return web.Response(status=status, headers=headers, body=text)
 
 
 @pytest.fixture

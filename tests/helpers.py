@@ -3,11 +3,15 @@ what a hostile publisher can put in a message."""
 
 from __future__ import annotations
 
+import asyncio
 import decimal
+import struct
 from datetime import UTC, datetime
 from typing import Any
 
 from hypothesis import strategies as st
+from pamqp import body as pamqp_body
+from pamqp import commands, encode, exceptions, frame, header
 
 
 def amqp_field_values(max_leaves: int = 8) -> st.SearchStrategy[Any]:
@@ -35,3 +39,173 @@ def amqp_field_values(max_leaves: int = 8) -> st.SearchStrategy[Any]:
         ),
         max_leaves=max_leaves,
     )
+
+
+class Double(float):
+    """A header value sent as a 64-bit AMQP double (``d``), as Java or .NET clients send
+    floats; pamqp only ever sends 32-bit ones."""
+
+
+class NotUtf8(bytes):
+    """A header long string (``S``) whose bytes are not UTF-8."""
+
+
+def publishable_header_values(max_leaves: int = 6) -> st.SearchStrategy[Any]:
+    """Header values any AMQP client could publish, for :func:`publish_raw`."""
+    scalars = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(min_value=-(2**63), max_value=2**63 - 1),
+        # RabbitMQ refuses non-finite floats (INTERNAL_ERROR), so none ever arrive.
+        st.floats(width=32, allow_nan=False, allow_infinity=False),
+        st.floats(allow_nan=False, allow_infinity=False).map(Double),
+        st.decimals(min_value=-(10**6), max_value=10**6, places=3, allow_nan=False),
+        st.text(max_size=30),
+        st.binary(max_size=20).map(NotUtf8),
+        st.builds(bytearray, st.binary(max_size=16)),
+        st.datetimes(
+            min_value=datetime(1970, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(UTC)
+        ),
+    )
+    return st.recursive(
+        scalars,
+        lambda children: st.one_of(
+            st.lists(children, max_size=3),
+            st.dictionaries(st.text(min_size=1, max_size=8), children, max_size=3),
+        ),
+        max_leaves=max_leaves,
+    )
+
+
+_PAMQP_ENCODE_TABLE_VALUE = encode.encode_table_value
+
+
+def _encode_any_client(value: Any) -> bytes:
+    if isinstance(value, Double):
+        return b"d" + struct.pack(">d", value)
+    if isinstance(value, NotUtf8):
+        return b"S" + struct.pack(">I", len(value)) + bytes(value)
+    return _PAMQP_ENCODE_TABLE_VALUE(value)
+
+
+# Byte patterns a raw publish substitutes into the encoded content header, so that a
+# message carries properties no AMQP client would encode (each is as long as its marker).
+INVALID_UTF8 = b"\xff\xfe\xc3\x28\xa0\xa1\xe2\x28\xa1\xf0\x28\x8c\xbc\xf8\xa1\xa1"
+MARKER = b"HOOKLINE-MARKER!"
+assert len(INVALID_UTF8) == len(MARKER)
+# A timestamp no datetime can hold: pamqp reads values above 2**32 as milliseconds, and
+# this is still far beyond the year 9999.
+MARKER_TIME = datetime(2001, 2, 3, 4, 5, 6, tzinfo=UTC)
+UNREPRESENTABLE_TIME = struct.pack(">Q", 2**63 - 1)
+
+
+async def publish_raw(
+    url_host: str,
+    url_port: int,
+    exchange: str,
+    routing_key: str,
+    body: bytes,
+    *,
+    invalid_utf8_in: frozenset[str] = frozenset(),
+    unrepresentable_timestamp: bool = False,
+    headers: dict[str, Any] | None = None,
+    **plain_properties: Any,
+) -> None:
+    """Publish one message (with confirms) over a hand-built AMQP 0-9-1 connection, with
+    what a buggy or hostile client in another language can send and aio-pika refuses to
+    build: properties that are not valid UTF-8 (``content_type``, ``message_id``, a header
+    name: ``header_name``), a timestamp beyond what a datetime holds, 64-bit double and
+    non-UTF-8 string header values (:class:`Double`, :class:`NotUtf8`).
+
+    Speaks just enough of the protocol, with pamqp's frame encoder, and the broker's
+    default guest account."""
+    properties: dict[str, Any] = {
+        "delivery_mode": 2,
+        **plain_properties,
+        "headers": dict(headers or {}),
+    }
+    if "content_type" in invalid_utf8_in:
+        properties["content_type"] = MARKER.decode()
+    if "message_id" in invalid_utf8_in:
+        properties["message_id"] = MARKER.decode()
+    if "header_name" in invalid_utf8_in:
+        properties["headers"][MARKER.decode()] = "value"
+    if unrepresentable_timestamp:
+        properties["timestamp"] = MARKER_TIME
+    # pamqp's table encoder looks itself up at call time, so nested values go through the
+    # wider encoder too; restored at once, and tests run on one thread.
+    encode.encode_table_value = _encode_any_client
+    try:
+        content_header = frame.marshal(
+            header.ContentHeader(0, len(body), commands.Basic.Properties(**properties)), 1
+        )
+    finally:
+        encode.encode_table_value = _PAMQP_ENCODE_TABLE_VALUE
+    content_header = content_header.replace(MARKER, INVALID_UTF8)
+    content_header = content_header.replace(
+        struct.pack(">Q", int(MARKER_TIME.timestamp())), UNREPRESENTABLE_TIME
+    )
+    reader, writer = await asyncio.open_connection(url_host, url_port)
+    buffered = b""
+
+    async def receive(expected: type[Any]) -> Any:
+        nonlocal buffered
+        while True:
+            if buffered:
+                try:
+                    consumed, _, value = frame.unmarshal(buffered)
+                except exceptions.UnmarshalingException:
+                    consumed = 0
+                if consumed:
+                    buffered = buffered[consumed:]
+                    if isinstance(value, expected):
+                        return value
+                    if isinstance(value, commands.Channel.Close | commands.Connection.Close):
+                        raise ConnectionError(f"broker refused: {value.reply_text}")
+                    continue
+            chunk = await asyncio.wait_for(reader.read(65536), timeout=10)
+            if not chunk:
+                raise ConnectionError("broker closed the raw connection")
+            buffered += chunk
+
+    try:
+        writer.write(header.ProtocolHeader().marshal())
+        await receive(commands.Connection.Start)
+        start_ok = commands.Connection.StartOk(
+            client_properties={"connection_name": "hookline-test raw publisher"},
+            mechanism="PLAIN",
+            response="\0guest\0guest",
+            locale="en_US",
+        )
+        writer.write(frame.marshal(start_ok, 0))
+        tune = await receive(commands.Connection.Tune)
+        tune_ok = commands.Connection.TuneOk(
+            channel_max=tune.channel_max, frame_max=tune.frame_max, heartbeat=0
+        )
+        writer.write(frame.marshal(tune_ok, 0))
+        writer.write(frame.marshal(commands.Connection.Open(virtual_host="/"), 0))
+        await receive(commands.Connection.OpenOk)
+        writer.write(frame.marshal(commands.Channel.Open(), 1))
+        await receive(commands.Channel.OpenOk)
+        writer.write(frame.marshal(commands.Confirm.Select(), 1))
+        await receive(commands.Confirm.SelectOk)
+        # No body frame for an empty body; a large one in frames of at most frame_max.
+        chunk_size = tune.frame_max - 8
+        body_frames = b"".join(
+            frame.marshal(pamqp_body.ContentBody(body[at : at + chunk_size]), 1)
+            for at in range(0, len(body), chunk_size)
+        )
+        publish = commands.Basic.Publish(exchange=exchange, routing_key=routing_key)
+        writer.write(frame.marshal(publish, 1) + content_header + body_frames)
+        await receive(commands.Basic.Ack)
+        writer.write(
+            frame.marshal(
+                commands.Connection.Close(
+                    reply_code=200, reply_text="done", class_id=0, method_id=0
+                ),
+                0,
+            )
+        )
+        await receive(commands.Connection.CloseOk)
+    finally:
+        writer.close()

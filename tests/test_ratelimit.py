@@ -7,8 +7,16 @@ import time
 
 from prometheus_client import generate_latest
 
-from tests.conftest import Receiver, RunWorker, endpoint, make_settings, publish_events
+from tests.conftest import (
+    Broker,
+    Receiver,
+    RunWorker,
+    endpoint,
+    make_settings,
+    publish_events,
+)
 from worker.ratelimit import TokenBucket
+from worker.topology import endpoint_queue
 
 
 async def test_bucket_allows_a_tenth_of_a_second_burst_then_paces() -> None:
@@ -55,3 +63,26 @@ async def test_worker_delivers_within_ten_percent_of_the_limit(
     assert free[-1] - free[0] < slowed[-1] - slowed[0]
     metrics = generate_latest(worker.metrics.registry).decode()
     assert 'webhook_rate_limit_waits_total{endpoint="slowed"}' in metrics
+
+
+async def test_waiting_messages_go_back_at_once_when_the_circuit_opens(
+    exchange_name: str, receiver: Receiver, run_worker: RunWorker, broker: Broker
+) -> None:
+    """At 1/s, messages prefetched while the first is attempted wait for their token; the
+    failure that opens the circuit sends them back to the queue unattempted at once, not
+    one by one as their tokens come (docs/operations.md promises this)."""
+    receiver.script("/down", 500)
+    settings = make_settings(
+        exchange_name,
+        [endpoint("down", receiver.url("/down"), ["tick.#"], rate_limit_per_s=1)],
+        retry={"delays_s": [30]},
+        circuit_breaker={"enabled": True, "failure_threshold": 1, "cooldown_s": 30},
+    )
+    await run_worker(settings)
+    await publish_events(exchange_name, 5, "tick.event", "give-way")
+    await receiver.wait_for(lambda: len(receiver.requests) == 1)
+    opened = time.monotonic()
+    await broker.wait_depth(endpoint_queue(exchange_name, "down"), 4, timeout_s=5)
+    assert time.monotonic() - opened < 0.5
+    await asyncio.sleep(1.5)
+    assert len(receiver.requests) == 1

@@ -8,8 +8,10 @@ while it is half-open.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,8 +19,8 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from prometheus_client import Counter
 
+from producer import headers
 from producer.envelope import Envelope, parse_envelope
-from producer.headers import attempts_made
 from worker.acks import AckCoalescer
 from worker.circuit import CircuitBreaker, CircuitState, Transition
 from worker.delivery import EndpointClient
@@ -37,6 +39,8 @@ from worker.topology import declare_endpoint
 # trouble (alarm, failover) is not met with a tight redeliver-and-POST loop.
 RECORD_FAILURE_PAUSE_S = 1.0
 RESUBSCRIBE_FIRST_DELAY_S = 1.0
+# How long a message to be given back waits for its consumer's cancel to complete.
+UNSUBSCRIBE_WAIT_S = 5.0
 RESUBSCRIBE_MAX_DELAY_S = 30.0
 
 OUTCOME_EVENTS = {
@@ -44,6 +48,18 @@ OUTCOME_EVENTS = {
     Action.RETRY: "delivery_retry_scheduled",
     Action.DEAD_LETTER: "delivery_dead_lettered",
 }
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one message, and what it rests on."""
+
+    decision: Decision
+    attempts: int  # attempts made, this one included: what ``hookline-attempts`` records
+    handler_errors: int  # the worker's own failures on it, this one included
+    last_status: str
+    detail: str
+    result: AttemptResult | None = None  # None when nothing was attempted
 
 
 def prefetch_for(settings: Settings, endpoint: EndpointSettings) -> int:
@@ -81,8 +97,13 @@ class EndpointConsumer:
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._started = False
-        # Set once stopping; also wakes messages waiting for a rate-limit token.
         self._stopped = asyncio.Event()
+        # Set while messages waiting for a rate-limit token must go back to the queue:
+        # once stopping, and while the circuit is open.
+        self._give_way = asyncio.Event()
+        # Set while no subscription is active; see _give_back.
+        self._unsubscribed = asyncio.Event()
+        self._unsubscribed.set()
         self._tasks: set[asyncio.Task[Any]] = set()
         # Circuit changes and cool-down timers; kept so that shutdown can cancel them.
         self._control_tasks: set[asyncio.Task[None]] = set()
@@ -138,6 +159,7 @@ class EndpointConsumer:
     async def stop_consuming(self) -> None:
         """Stop taking new messages; any that still arrive go back to the queue."""
         self._stopped.set()
+        self._give_way.set()
         for task in self._control_tasks:
             task.cancel()
         await asyncio.gather(*self._control_tasks, return_exceptions=True)
@@ -147,6 +169,7 @@ class EndpointConsumer:
         assert self._queue is not None
         # basic.qos applies to consumers started after it, hence always before consume.
         await self._channel.set_qos(prefetch_count=prefetch)
+        self._unsubscribed.clear()
         self._consumer_tag = await self._queue.consume(self._on_message)
 
     async def _resubscribe(self, prefetch: int) -> None:
@@ -170,19 +193,22 @@ class EndpointConsumer:
                 await self._queue.cancel(tag)
             except Exception as exc:  # noqa: BLE001 - broker may already be gone; nothing to cancel
                 self._log.warning("consumer_cancel_failed", error=exc.__class__.__name__)
+        self._unsubscribed.set()
 
     async def _take_token(self) -> bool:
         """Wait for the rate limit; False if the consumer stopped or the circuit opened
         meanwhile, so a message waiting for its turn goes back to the queue at once."""
         assert self._rate_limit is not None
         token = asyncio.ensure_future(self._rate_limit.acquire())
-        stopped = asyncio.ensure_future(self._stopped.wait())
+        give_way = asyncio.ensure_future(self._give_way.wait())
         try:
-            await asyncio.wait({token, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({token, give_way}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            stopped.cancel()
+            give_way.cancel()
             if not token.done():
                 token.cancel()
+                # A cancelled task is done only once it has run its cancellation.
+                await asyncio.wait({token})
         if token.cancelled():
             return False
         if token.result():
@@ -196,64 +222,108 @@ class EndpointConsumer:
         self._acks.started(message)
         if self._holding_back():
             # Prefetched before the consumer was cancelled: back to the queue, unattempted.
-            await self._requeue(message)
+            await self._give_back(message)
             return
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
         try:
             await self._handle(message)
-        except Exception:  # noqa: BLE001 - logged with its traceback; the worker must live
-            # A bug, not an endpoint failure: keep the message and keep the worker alive.
-            self._log.exception("delivery_handler_crashed", message_id=message.message_id)
-            await asyncio.sleep(RECORD_FAILURE_PAUSE_S)
-            await self._requeue(message)
         finally:
             self._tasks.discard(task)
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
-        attempt = attempts_made(message.headers) + 1
-        log = self._log.bind(attempt=attempt)
+        """Decide, record, ack, observe. Every message ends in exactly one of: acked after
+        its outcome is recorded, or given back to the queue unacked (the worker is stopping,
+        the circuit opened, or the broker could not record the outcome)."""
+        attempts_before = headers.attempts_made(message.headers)
+        handler_errors = headers.read_count(message.headers, headers.HANDLER_ERRORS)
+        log = self._log.bind(attempt=attempts_before + 1)
         envelope: Envelope | None = None
         try:
-            envelope = parse_envelope(message.body, self._settings.delivery.max_body_bytes)
+            envelope = self._parse(message)
         except InvalidEnvelope as exc:
-            result = AttemptResult(detail=str(exc))
-            decision = Decision(Action.DEAD_LETTER, reason=Reason.INVALID_ENVELOPE)
             log = log.bind(message_id=message.message_id)
+            outcome: Outcome | None = Outcome(
+                Decision(Action.DEAD_LETTER, reason=Reason.INVALID_ENVELOPE),
+                attempts=attempts_before,
+                handler_errors=handler_errors,
+                last_status="none",
+                detail=str(exc),
+            )
+        except Exception as exc:  # noqa: BLE001 - Hookline's own failure; bounded below
+            outcome = self._crashed(exc, attempts_before + 1, handler_errors, log)
         else:
             log = log.bind(event_id=envelope.id, event_type=envelope.type)
-            if self._rate_limit is not None and not await self._take_token():
-                await self._requeue(message)
-                return
-            result = await self._attempt(envelope, message.body)
-            decision = decide(result, attempt, self._settings.retry)
-        try:
-            await self._record(message, decision, result, attempt)
-        except PublishError as exc:
-            self._metrics.record_failures.labels(endpoint=self.endpoint.name).inc()
-            log.warning(
-                "delivery_outcome_not_recorded",
-                status=result.last_status,
-                error=str(exc),
-                requeue_after_s=RECORD_FAILURE_PAUSE_S,
-            )
-            await asyncio.sleep(RECORD_FAILURE_PAUSE_S)
-            await self._requeue(message)
+            try:
+                outcome = await self._deliver(
+                    message, envelope, attempts_before + 1, handler_errors
+                )
+            except Exception as exc:  # noqa: BLE001 - Hookline's own failure; bounded below
+                outcome = self._crashed(exc, attempts_before + 1, handler_errors, log)
+        if outcome is None:
+            await self._give_back(message)
             return
-        self._observe(decision, result, envelope, log)
-        if decision.action is Action.DEAD_LETTER:
-            assert decision.reason is not None
-            self._operational_events.event_dead_lettered(
-                self.endpoint.name,
-                event_id=envelope.id if envelope is not None else message.message_id,
-                event_type=envelope.type if envelope is not None else None,
-                reason=decision.reason.value,
-                attempts=attempt,
-                last_status=result.last_status,
-            )
-        if envelope is not None:
-            self._count(result)
+        recorded = await self._record(message, outcome, log)
+        if recorded is not None:
+            try:
+                self._observe(recorded, envelope, message, log)
+            except Exception:
+                log.exception("delivery_observe_failed")
+
+    def _parse(self, message: AbstractIncomingMessage) -> Envelope:
+        envelope = parse_envelope(message.body, self._settings.delivery.max_body_bytes)
+        # Through the exchange, the routing key chose the endpoints: a type that differs
+        # from it would reach endpoints that never subscribed to that type. Retries and
+        # replays arrive through the default exchange, addressed to this queue.
+        if message.exchange == self._settings.broker.exchange and (
+            message.routing_key != envelope.type
+        ):
+            raise InvalidEnvelope("type differs from the routing key it was published with")
+        return envelope
+
+    async def _deliver(
+        self,
+        message: AbstractIncomingMessage,
+        envelope: Envelope,
+        attempt: int,
+        handler_errors: int,
+    ) -> Outcome | None:
+        """One attempt and its decision; None when the message must go back unattempted."""
+        if self._rate_limit is not None and not await self._take_token():
+            return None
+        result = await self._attempt(envelope, message.body)
+        return Outcome(
+            decide(result, attempt, self._settings.retry),
+            attempts=attempt,
+            handler_errors=handler_errors,
+            last_status=result.last_status,
+            detail=result.detail,
+            result=result,
+        )
+
+    def _crashed(
+        self,
+        exc: Exception,
+        attempt: int,
+        handler_errors: int,
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> Outcome:
+        """A bug in Hookline while handling the message: counted as a failed attempt, so the
+        message goes round the retry schedule and ends dead-lettered (``handler_error``)
+        instead of being requeued for ever. Not counted against the endpoint's circuit."""
+        log.error("delivery_handler_crashed", error=exc.__class__.__name__, exc_info=exc)
+        result = AttemptResult(
+            error=ErrorKind.HANDLER_ERROR, detail=f"worker failed: {exc.__class__.__name__}"
+        )
+        return Outcome(
+            decide(result, attempt, self._settings.retry, handler_errors + 1),
+            attempts=attempt,
+            handler_errors=handler_errors + 1,
+            last_status=result.last_status,
+            detail=result.detail,
+            result=result,
+        )
 
     def _count(self, result: AttemptResult) -> None:
         """Feed one attempt's result to the recent rates and the circuit breaker."""
@@ -262,6 +332,10 @@ class EndpointConsumer:
             return
         transition = self.breaker.record(not result.endpoint_unavailable)
         if transition is not None:
+            if transition.new is CircuitState.OPEN:
+                # Messages waiting for a rate-limit token go back to the queue now, not
+                # when their token comes.
+                self._give_way.set()
             self._control(self._on_transition(transition, result.last_status))
 
     def _control(self, coroutine: Coroutine[Any, Any, None]) -> None:
@@ -292,6 +366,7 @@ class EndpointConsumer:
                     )
                 self._control(self._probe_after(transition.cooldown_s))
             elif transition.new is CircuitState.CLOSED:
+                self._give_way.clear()
                 await self._unsubscribe()
                 await self._resubscribe(self._prefetch)
                 outage_s = round(transition.outage_s or 0.0, 3)
@@ -306,6 +381,7 @@ class EndpointConsumer:
             if self._stopped.is_set() or self.breaker is None:
                 return
             transition = self.breaker.half_open()
+            self._give_way.clear()
             self._circuit_state.set(transition.new.value)
             self._log.info("circuit_half_open", cooldown_s=cooldown_s)
             await self._resubscribe(1)
@@ -330,17 +406,47 @@ class EndpointConsumer:
     async def _record(
         self,
         message: AbstractIncomingMessage,
-        decision: Decision,
-        result: AttemptResult,
-        attempt: int,
+        outcome: Outcome,
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> Outcome | None:
+        """Store the outcome (a retry or dead-letter copy, confirmed), then ack; returns what
+        was recorded, or None when the message went back to the queue unacked."""
+        try:
+            await self._write(message, outcome)
+        except PublishError as exc:
+            await self._not_recorded(message, outcome, log, error=str(exc))
+            return None
+        except Exception as exc:
+            log.error("delivery_outcome_not_recorded", error=exc.__class__.__name__, exc_info=exc)
+            # Last resort that depends on nothing the publisher sent but the body.
+            outcome = Outcome(
+                Decision(Action.DEAD_LETTER, reason=Reason.HANDLER_ERROR),
+                attempts=outcome.attempts,
+                handler_errors=outcome.handler_errors + 1,
+                last_status=outcome.last_status,
+                detail=f"worker could not copy the message: {exc.__class__.__name__}",
+                result=outcome.result,
+            )
+            try:
+                await self._write(message, outcome, bare=True)
+            except Exception as last:  # noqa: BLE001 - the broker decides; retried on redelivery
+                await self._not_recorded(message, outcome, log, error=last.__class__.__name__)
+                return None
+        if not await self._acks.ack(message):
+            log.warning("ack_failed_will_be_redelivered", message_id=message.message_id)
+        return outcome
+
+    async def _write(
+        self, message: AbstractIncomingMessage, outcome: Outcome, *, bare: bool = False
     ) -> None:
+        decision = outcome.decision
         if decision.action is Action.RETRY:
             assert decision.delay_s is not None
             await self._recorder.schedule_retry(
                 message,
                 self.endpoint.name,
-                attempts=attempt,
-                handler_errors=0,
+                attempts=outcome.attempts,
+                handler_errors=outcome.handler_errors,
                 delay_s=decision.delay_s,
             )
         elif decision.action is Action.DEAD_LETTER:
@@ -349,46 +455,83 @@ class EndpointConsumer:
                 message,
                 endpoint=self.endpoint.name,
                 reason=decision.reason,
-                attempts=attempt if decision.reason is not Reason.INVALID_ENVELOPE else attempt - 1,
-                last_status=result.last_status,
-                detail=result.detail,
+                attempts=outcome.attempts,
+                last_status=outcome.last_status,
+                detail=outcome.detail,
+                handler_errors=outcome.handler_errors,
+                bare=bare,
             )
-        if not await self._acks.ack(message):
-            self._log.warning("ack_failed_will_be_redelivered", message_id=message.message_id)
 
-    async def _requeue(self, message: AbstractIncomingMessage) -> None:
+    async def _not_recorded(
+        self,
+        message: AbstractIncomingMessage,
+        outcome: Outcome,
+        log: structlog.typing.FilteringBoundLogger,
+        *,
+        error: str,
+    ) -> None:
+        self._metrics.record_failures.labels(endpoint=self.endpoint.name).inc()
+        log.warning(
+            "delivery_outcome_not_recorded",
+            status=outcome.last_status,
+            error=error,
+            requeue_after_s=RECORD_FAILURE_PAUSE_S,
+        )
+        await asyncio.sleep(RECORD_FAILURE_PAUSE_S)
+        await self._give_back(message)
+
+    async def _give_back(self, message: AbstractIncomingMessage) -> None:
+        """Back to the queue, unacked. While the consumer is being cancelled (stop, circuit
+        opening) this waits for the cancel first: a message given back to a live
+        subscription comes straight back, and on RabbitMQ before 4.3 every return counts
+        towards a quorum queue's delivery limit. ``basic.nack``, not ``basic.reject``: from
+        4.3 a nack does not count at all."""
+        if self._holding_back():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._unsubscribed.wait(), timeout=UNSUBSCRIBE_WAIT_S)
         await settle(message, requeue=True)
         self._acks.forget(message)
 
     def _observe(
         self,
-        decision: Decision,
-        result: AttemptResult,
+        outcome: Outcome,
         envelope: Envelope | None,
+        message: AbstractIncomingMessage,
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
+        decision, result = outcome.decision, outcome.result
         self._outcomes[decision.action].inc()
-        fields = {
-            "status": result.last_status,
-            "duration_ms": round(result.duration_s * 1000, 1),
-            "outcome": decision.action.value,
-        }
+        fields: dict[str, Any] = {"status": outcome.last_status, "outcome": decision.action.value}
+        if result is not None:
+            fields["duration_ms"] = round(result.duration_s * 1000, 1)
         if decision.action is Action.ACK:
             assert envelope is not None
             self._end_to_end.observe(
                 max(0.0, (datetime.now(UTC) - envelope.timestamp).total_seconds())
             )
             log.info(OUTCOME_EVENTS[decision.action], **fields)
-            return
-        fields["detail"] = result.detail
-        if result.error is not None:
-            fields["error"] = result.error
-        if decision.action is Action.RETRY:
-            fields["next_delay_s"] = decision.delay_s
         else:
-            assert decision.reason is not None
-            fields["reason"] = decision.reason.value
-            self._metrics.dead_lettered.labels(
-                endpoint=self.endpoint.name, reason=decision.reason.value
-            ).inc()
-        log.warning(OUTCOME_EVENTS[decision.action], **fields)
+            fields["detail"] = outcome.detail
+            if result is not None and result.error is not None:
+                fields["error"] = result.error
+            if decision.action is Action.RETRY:
+                fields["next_delay_s"] = decision.delay_s
+            else:
+                assert decision.reason is not None
+                fields["reason"] = decision.reason.value
+                self._metrics.dead_lettered.labels(
+                    endpoint=self.endpoint.name, reason=decision.reason.value
+                ).inc()
+                self._operational_events.event_dead_lettered(
+                    self.endpoint.name,
+                    event_id=envelope.id if envelope is not None else message.message_id,
+                    event_type=envelope.type if envelope is not None else None,
+                    reason=decision.reason.value,
+                    attempts=outcome.attempts,
+                    last_status=outcome.last_status,
+                )
+            log.warning(OUTCOME_EVENTS[decision.action], **fields)
+        # Hookline's own failures say nothing about the endpoint: they neither open its
+        # circuit nor reset the failure streak that would.
+        if result is not None and result.error is not ErrorKind.HANDLER_ERROR:
+            self._count(result)

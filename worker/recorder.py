@@ -20,23 +20,45 @@ from producer.publisher import publish_confirmed
 from worker.outcomes import Reason
 from worker.topology import dead_letter_queue, delay_queue
 
+MAX_SHORT_STRING_BYTES = 255
+
 
 def copy_message(
-    original: AbstractIncomingMessage, new_headers: dict[str, Any]
+    original: AbstractIncomingMessage, new_headers: dict[str, Any], *, bare: bool = False
 ) -> aio_pika.Message:
-    """A persistent copy of ``original`` with ``new_headers``; the body is never changed."""
+    """A persistent copy of ``original`` with ``new_headers``; the body is never changed.
+
+    Properties are copied only if they can be sent again: a property decoded with
+    replacement characters may have grown past the 255 bytes a short string holds.
+    ``bare`` copies nothing but the body and ``message_id`` (the last resort when a copy
+    could not be encoded at all).
+    """
+    if bare:
+        return aio_pika.Message(
+            original.body,
+            headers=new_headers,
+            content_type="application/json",
+            message_id=_short(original.message_id),
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
     return aio_pika.Message(
         original.body,
         headers=new_headers,
-        content_type=original.content_type or "application/json",
-        content_encoding=original.content_encoding,
-        message_id=original.message_id,
-        correlation_id=original.correlation_id,
-        app_id=original.app_id,
-        type=original.type,
+        content_type=_short(original.content_type) or "application/json",
+        content_encoding=_short(original.content_encoding),
+        message_id=_short(original.message_id),
+        correlation_id=_short(original.correlation_id),
+        app_id=_short(original.app_id),
+        type=_short(original.type),
         timestamp=original.timestamp,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
     )
+
+
+def _short(value: str | None) -> str | None:
+    if value is None or len(value.encode("utf-8", "replace")) > MAX_SHORT_STRING_BYTES:
+        return None
+    return value
 
 
 class Recorder:
@@ -76,9 +98,10 @@ class Recorder:
         last_status: str,
         detail: str,
         handler_errors: int = 0,
+        bare: bool = False,
     ) -> None:
         copy_headers = headers.dead_letter_headers(
-            message.headers,
+            None if bare else message.headers,
             endpoint=endpoint,
             reason=reason.value,
             attempts=attempts,
@@ -88,7 +111,7 @@ class Recorder:
         )
         await publish_confirmed(
             self._default_exchange,
-            copy_message(message, copy_headers),
+            copy_message(message, copy_headers, bare=bare),
             dead_letter_queue(self._exchange_name),
             self._timeout_s,
         )
