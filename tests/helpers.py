@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import decimal
+import socket
 import struct
 from datetime import UTC, datetime
 from typing import Any
 
+from aiohttp.abc import AbstractResolver, ResolveResult
 from hypothesis import strategies as st
 from pamqp import body as pamqp_body
 from pamqp import commands, encode, exceptions, frame, header
@@ -209,3 +211,16 @@ async def publish_raw(
         await receive(commands.Connection.CloseOk)
     finally:
         writer.close()
+
+
+class FailingResolver(AbstractResolver):
+    """A resolver with a bug: it raises what no HTTP client error handling expects. Stands
+    in for any defect inside the worker's delivery path."""
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        raise RuntimeError("resolver bug")
+
+    async def close(self) -> None:
+        return None

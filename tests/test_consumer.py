@@ -17,7 +17,9 @@ from standardwebhooks.webhooks import Webhook
 from structlog.testing import capture_logs
 
 from producer import Publisher
+from producer.connection import connect
 from producer.envelope import build_body
+from producer.exchange import declare_exchange
 from tests.conftest import (
     AMQP_URL,
     SECRET_A,
@@ -30,7 +32,12 @@ from tests.conftest import (
     make_settings,
     publish_events,
 )
-from tests.helpers import publish_raw, publishable_header_values
+from tests.helpers import Double, FailingResolver, publish_raw, publishable_header_values
+from worker.consumer import EndpointConsumer
+from worker.delivery import EndpointClient
+from worker.metrics import Metrics
+from worker.opsevents import OperationalEvents
+from worker.recorder import Recorder
 from worker.topology import dead_letter_queue, delay_queue, endpoint_queue
 
 
@@ -596,3 +603,135 @@ async def _settled(count: Callable[[], Awaitable[int]], expected: int, timeout_s
         if time.monotonic() > deadline:
             raise AssertionError(f"{found} of {expected} messages accounted for")
         await asyncio.sleep(0.2)
+
+
+async def test_a_crash_while_handling_ends_as_handler_error_not_a_loop(
+    exchange_name: str, broker: Broker
+) -> None:
+    """A defect that raises inside the delivery path counts as a failed attempt: the event
+    goes round the retry schedule and is dead-lettered with reason handler_error after
+    three crashes, instead of being requeued for ever."""
+    settings = make_settings(
+        exchange_name,
+        [endpoint("buggy", "http://buggy.test/hook", ["bug.#"])],
+        retry={"delays_s": [0.05] * 5},
+        security={"allow_private_networks": False},
+    )
+    await broker.declare(settings)
+    connection = await connect(settings.broker, "hookline-test crash")
+    client = EndpointClient(settings, settings.endpoints[0], resolver=FailingResolver())
+    try:
+        publish_channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        consumer = EndpointConsumer(
+            settings=settings,
+            endpoint=settings.endpoints[0],
+            channel=await connection.channel(),
+            client=client,
+            recorder=Recorder(exchange_name, publish_channel.default_exchange, 5),
+            metrics=Metrics(),
+            operational_events=OperationalEvents(
+                await declare_exchange(publish_channel, exchange_name), 5, enabled=False
+            ),
+        )
+        with capture_logs() as logs:
+            await consumer.start()
+            await publish(exchange_name, "bug.found", {"n": 1}, event_id="crashy")
+            queue = dead_letter_queue(exchange_name)
+            await eventually(lambda: _has_messages(broker, queue, 1))
+            await consumer.stop_consuming()
+        [letter] = await broker.drain(queue)
+        assert letter.headers["hookline-reason"] == "handler_error"
+        assert letter.headers["hookline-handler-errors"] == 3
+        assert letter.headers["hookline-attempts"] == 3
+        assert letter.headers["hookline-last-status"] == "handler_error"
+        crashes = [entry for entry in logs if entry["event"] == "delivery_handler_crashed"]
+        assert len(crashes) == 3
+        assert {entry["error"] for entry in crashes} == {"RuntimeError"}
+    finally:
+        await client.close()
+        await connection.close()
+        await broker.delete_all(settings)
+
+
+async def test_a_type_that_differs_from_its_routing_key_is_invalid(
+    exchange_name: str, receiver: Receiver, run_worker: RunWorker, broker: Broker
+) -> None:
+    """An envelope published under another type's routing key would reach endpoints that
+    never subscribed to its type: it is dead-lettered as invalid_envelope, never POSTed."""
+    settings = make_settings(
+        exchange_name, [endpoint("orders", receiver.url("/orders"), ["order.*"])]
+    )
+    await run_worker(settings)
+    _, body = build_body("user.deleted", {"user": 1}, event_id="smuggled")
+    await broker.publish(exchange_name, "order.created", body)
+    queue = dead_letter_queue(exchange_name)
+    await eventually(lambda: _has_messages(broker, queue, 1))
+    [letter] = await broker.drain(queue)
+    assert letter.headers["hookline-reason"] == "invalid_envelope"
+    assert "routing key" in letter.headers["hookline-detail"]
+    assert receiver.requests == []
+
+
+async def test_undecodable_properties_do_not_disturb_the_connection(
+    exchange_name: str, receiver: Receiver, run_worker: RunWorker, broker: Broker
+) -> None:
+    """Properties the AMQP client cannot decode (not UTF-8, a timestamp past year 9999)
+    used to close the worker's whole consume connection on every redelivery. Now each such
+    message is delivered like any other, its copies carry what can be re-encoded, and the
+    connection never drops."""
+    receiver.script("/ep", 500, 200)
+    settings = make_settings(
+        exchange_name,
+        [endpoint("ep", receiver.url("/ep"), ["odd.#"])],
+        retry={"delays_s": [0.05]},
+    )
+    worker = await run_worker(settings)
+    tricks: list[dict[str, Any]] = [
+        {"invalid_utf8_in": frozenset({"content_type"})},
+        {"invalid_utf8_in": frozenset({"message_id"})},
+        {"invalid_utf8_in": frozenset({"header_name"})},
+        {"unrepresentable_timestamp": True},
+    ]
+    for index, trick in enumerate(tricks):
+        _, body = build_body("odd.props", {}, event_id=f"odd-{index}")
+        await publish_raw("127.0.0.1", 5672, exchange_name, "odd.props", body, **trick)
+    await receiver.wait_for(
+        lambda: sorted(receiver.delivered_ids("/ep")) == [f"odd-{i}" for i in range(4)]
+    )
+    assert worker.is_ready()
+    assert worker.metrics.registry.get_sample_value("webhook_broker_reconnects_total") == 0
+    assert await broker.depth(dead_letter_queue(exchange_name)) == 0
+
+
+async def test_headers_that_cannot_be_re_encoded_are_named_not_fatal(
+    exchange_name: str, receiver: Receiver, run_worker: RunWorker, broker: Broker
+) -> None:
+    """A 64-bit float header (the AMQP client re-encodes floats as 32 bits and fails for
+    this one) used to crash every retry of its message. The retry and dead-letter copies
+    now leave it out and say so; the rest of the headers travel."""
+    receiver.script("/down", 503)
+    settings = make_settings(
+        exchange_name,
+        [endpoint("down", receiver.url("/down"), ["wide.#"])],
+        retry={"delays_s": [0.05]},
+    )
+    await run_worker(settings)
+    _, body = build_body("wide.float", {}, event_id="wide-1")
+    await publish_raw(
+        "127.0.0.1",
+        5672,
+        exchange_name,
+        "wide.float",
+        body,
+        headers={"precise": Double(1e300), "trace-id": "abc"},
+    )
+    queue = dead_letter_queue(exchange_name)
+    await eventually(lambda: _has_messages(broker, queue, 1))
+    [letter] = await broker.drain(queue)
+    assert letter.body == body
+    assert letter.headers["hookline-reason"] == "attempts_exhausted"
+    assert letter.headers["trace-id"] == "abc"
+    assert "precise" not in letter.headers
+    assert letter.headers["hookline-dropped-headers"] == "precise"
+    assert "precise" in letter.headers["hookline-detail"]
+    assert len(receiver.requests) == 2
