@@ -6,45 +6,30 @@ import asyncio
 import contextlib
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-import aio_pika
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
-from producer.connection import connect
+from producer.connection import BROKER_GONE, connect
 from producer.exchange import declare_exchange
-from worker.consumer import EndpointConsumer
-from worker.delivery import EndpointClient
 from worker.depths import QueueDepths, poll_depths
-from worker.exceptions import ConfigError, HooklineError
+from worker.endpoints import EndpointSet, close_quietly
+from worker.exceptions import ConfigError
 from worker.metrics import Metrics
 from worker.opsevents import OperationalEvents
 from worker.recorder import Recorder
 from worker.reload import plan_reload
 from worker.server import HealthServer
-from worker.settings import EndpointSettings, Settings
+from worker.settings import Settings
 from worker.status import build_status
-from worker.topology import (
-    declare_dead_letter_queue,
-    declare_unrouted_queue,
-    inspect_queue,
-    unbind_patterns,
-)
+from worker.topology import declare_dead_letter_queue, declare_unrouted_queue
 
 CONNECT_RETRY_FIRST_S = 0.5
 # A depth poll in progress at shutdown may finish its round (a few passive declares).
 POLLER_STOP_S = 5.0
 
 log = structlog.get_logger("hookline.worker")
-
-
-@dataclass(slots=True)
-class RunningEndpoint:
-    channel: AbstractChannel
-    client: EndpointClient
-    consumer: EndpointConsumer
 
 
 class Worker:
@@ -83,19 +68,12 @@ class Worker:
         self._consume_connection: AbstractRobustConnection | None = None
         self._publish_connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
-        self._recorder: Recorder | None = None
         self._operational_events: OperationalEvents | None = None
-        self._running: dict[str, RunningEndpoint] = {}
+        self._endpoints: EndpointSet | None = None
         self._started = False
         self._closing = False  # set while the worker closes its own connections
-        # Endpoints whose consumer could not start on a reload, being retried.
-        self._background: set[asyncio.Task[None]] = set()
         self._poller: asyncio.Task[None] | None = None
         self._stop_polling = asyncio.Event()
-        # Consumers replaced or removed by a reload, finishing their in-flight deliveries.
-        self._retiring: set[asyncio.Task[None]] = set()
-        for endpoint in settings.endpoints:
-            self.metrics.register_endpoint(endpoint.name)
 
     def request_stop(self) -> None:
         """Safe to call from a signal handler: it only sets flags."""
@@ -115,14 +93,15 @@ class Worker:
                 connection is not None and connection.connected.is_set()
                 for connection in (self._consume_connection, self._publish_connection)
             )
-            and all(running.consumer.running for running in self._running.values())
+            and self._endpoints is not None
+            and self._endpoints.all_running()
         )
 
     def status(self) -> dict[str, Any]:
         """What the status page shows; no URLs beyond hosts, no secrets."""
         return build_status(
             self.settings,
-            [running.consumer for running in self._running.values()],
+            self._endpoints.consumers if self._endpoints is not None else [],
             self.depths,
             ready=self.is_ready(),
         )
@@ -160,7 +139,7 @@ class Worker:
                 self._consume_connection = await self._connect("consume")
                 self._publish_connection = await self._connect("publish")
                 return True
-            except (ConnectionError, OSError, aio_pika.exceptions.AMQPError) as exc:
+            except BROKER_GONE as exc:
                 self._closing = True
                 await self._close_connections()
                 self._closing = False
@@ -193,6 +172,7 @@ class Worker:
         log.info("broker_reconnected")
 
     async def _start_consumers(self) -> None:
+        assert self._consume_connection is not None
         assert self._publish_connection is not None
         publish_channel = await self._publish_connection.channel(
             publisher_confirms=True, on_return_raises=True
@@ -200,47 +180,34 @@ class Worker:
         self._publish_channel = publish_channel
         await declare_dead_letter_queue(publish_channel, self.settings)
         await declare_unrouted_queue(publish_channel, self.settings)
-        self._recorder = Recorder(
-            self.settings.broker.exchange,
-            publish_channel.default_exchange,
-            self.settings.broker.publish_timeout_s,
-        )
         self._operational_events = OperationalEvents(
             await declare_exchange(publish_channel, self.settings.broker.exchange),
             self.settings.broker.publish_timeout_s,
             enabled=self.settings.operational_events.enabled,
         )
-        for endpoint in self.settings.endpoints:
-            await self._start_endpoint(endpoint)
-        self.metrics.broker_connected.set(1)
-        self._poller = asyncio.create_task(
-            poll_depths(self._publish_connection, lambda: self.settings, self.metrics,
-                        self.depths, self._stop_polling),
-            name="poll-queue-depths",
-        )  # fmt: skip
-
-    async def _start_endpoint(self, endpoint: EndpointSettings) -> None:
-        assert self._consume_connection is not None
-        assert self._recorder is not None
-        assert self._operational_events is not None
-        channel = await self._consume_connection.channel()
-        client = EndpointClient(self.settings, endpoint)
-        consumer = EndpointConsumer(
+        self._endpoints = EndpointSet(
             settings=self.settings,
-            endpoint=endpoint,
-            channel=channel,
-            client=client,
-            recorder=self._recorder,
+            connection=self._consume_connection,
+            recorder=Recorder(
+                self.settings.broker.exchange,
+                publish_channel.default_exchange,
+                self.settings.broker.publish_timeout_s,
+            ),
             metrics=self.metrics,
             operational_events=self._operational_events,
         )
-        try:
-            await consumer.start()
-        except BaseException:
-            await client.close()
-            await _close_quietly(channel)
-            raise
-        self._running[endpoint.name] = RunningEndpoint(channel, client, consumer)
+        await self._endpoints.start()
+        self.metrics.broker_connected.set(1)
+        self._poller = asyncio.create_task(
+            poll_depths(
+                self._publish_connection,
+                lambda: self.settings,
+                self.metrics,
+                self.depths,
+                self._stop_polling,
+            ),
+            name="poll-queue-depths",
+        )
 
     async def reload(self) -> None:
         """Apply a re-read config: endpoints added, removed or changed; or keep the old one."""
@@ -257,135 +224,30 @@ class Worker:
             log.warning("config_reload_needs_restart", sections=list(plan.needs_restart))
         self.settings = plan.settings
         assert self._operational_events is not None
+        assert self._endpoints is not None
         self._operational_events.enabled = plan.settings.operational_events.enabled
-        failed: list[str] = []
-        for name in (*plan.removed, *plan.changed, *plan.added):
-            try:
-                if name in plan.removed:
-                    await self._remove_endpoint(name)
-                elif name in plan.changed:
-                    await self._replace_endpoint(self._running[name], plan.settings.endpoint(name))
-                else:
-                    self.metrics.register_endpoint(name)
-                    await self._start_endpoint(plan.settings.endpoint(name))
-            except (HooklineError, aio_pika.exceptions.AMQPError, ConnectionError) as exc:
-                # The broker refused or dropped mid-change: keep trying to start this
-                # endpoint's new consumer in the background until it works.
-                failed.append(name)
-                log.error("config_reload_failed", endpoint=name, error=str(exc) or
-                          exc.__class__.__name__)  # fmt: skip
-                if name not in plan.removed:
-                    self._keep_starting(plan.settings.endpoint(name))
-        log.info("config_reloaded", added=list(plan.added), removed=list(plan.removed),
-                 changed=list(plan.changed), unchanged=len(plan.unchanged),
-                 failed=failed)  # fmt: skip
-
-    def _keep_starting(self, endpoint: EndpointSettings) -> None:
-        task = asyncio.create_task(
-            self._start_with_backoff(endpoint), name=f"start-{endpoint.name}"
+        failed = await self._endpoints.apply(plan)
+        log.info(
+            "config_reloaded",
+            added=list(plan.added),
+            removed=list(plan.removed),
+            changed=list(plan.changed),
+            unchanged=len(plan.unchanged),
+            failed=failed,
         )
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _start_with_backoff(self, endpoint: EndpointSettings) -> None:
-        delay_s = CONNECT_RETRY_FIRST_S
-        while not self._stopping:
-            await asyncio.sleep(delay_s)
-            if endpoint not in self.settings.endpoints:
-                return  # a later reload changed or removed it
-            try:
-                await self._start_endpoint(endpoint)
-            except (HooklineError, aio_pika.exceptions.AMQPError, ConnectionError) as exc:
-                log.warning("endpoint_start_failed", endpoint=endpoint.name,
-                            error=exc.__class__.__name__, retry_in_s=delay_s)  # fmt: skip
-                delay_s = min(delay_s * 2, self.settings.broker.connect_retry_max_s)
-            else:
-                log.info("endpoint_started", endpoint=endpoint.name)
-                return
-
-    async def _replace_endpoint(self, running: RunningEndpoint, endpoint: EndpointSettings) -> None:
-        """Stop the old consumer, start the new one, and let the old one finish its work.
-
-        Messages the old consumer had not started go back to the queue unattempted and
-        reach the new one; those it had started finish under the old settings, so nothing
-        is attempted twice or dropped.
-        """
-        await running.consumer.stop_consuming()
-        dropped = set(running.consumer.endpoint.events) - set(endpoint.events)
-        if dropped and running.consumer.queue is not None:
-            await unbind_patterns(running.consumer.queue, self.settings.broker.exchange, dropped)
-        self._retire(running)
-        await self._start_endpoint(endpoint)
-
-    async def _remove_endpoint(self, name: str) -> None:
-        """Unbind it so no new events queue up, and leave what is queued where it is."""
-        running = self._running.pop(name)
-        await running.consumer.stop_consuming()
-        queue = running.consumer.queue
-        if queue is not None:
-            await unbind_patterns(
-                queue, self.settings.broker.exchange, running.consumer.endpoint.events
-            )
-        self._retire(running)
-        self.metrics.forget_endpoint(name)
-        queued: int | None = None
-        if queue is not None and self._consume_connection is not None:
-            with contextlib.suppress(Exception):  # only the count in the log line is missed
-                inspected = await inspect_queue(self._consume_connection, queue.name)
-                queued = inspected[0] if inspected is not None else None
-        log.warning("endpoint_removed", endpoint=name, queued=queued,
-                    hint="its queue and delay queues are kept: re-add the endpoint to deliver "
-                    "them, or `python -m worker dlq retire` to move them to the dead-letter "
-                    "queue")  # fmt: skip
-
-    def _retire(self, running: RunningEndpoint) -> None:
-        task = asyncio.create_task(
-            self._finish(running), name=f"retire-{running.consumer.endpoint.name}"
-        )
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
-
-    async def _finish(self, running: RunningEndpoint) -> None:
-        await self._drain(running.consumer.in_flight_tasks)
-        await running.client.close()
-        await _close_quietly(running.channel)
-
-    async def _drain(self, in_flight: set[asyncio.Task[Any]]) -> None:
-        if not in_flight:
-            return
-        log.info("worker_draining", in_flight=len(in_flight),
-                 timeout_s=self.settings.worker.shutdown_timeout_s)  # fmt: skip
-        _, unfinished = await asyncio.wait(
-            in_flight, timeout=self.settings.worker.shutdown_timeout_s
-        )
-        for task in unfinished:
-            task.cancel()
-        if unfinished:
-            # Their messages were not acked, so the broker hands them out again.
-            log.warning("worker_drain_timed_out", abandoned=len(unfinished))
-            await asyncio.wait(unfinished, timeout=5)
 
     async def _shutdown(self) -> None:
         self._closing = True
         self.metrics.ready.set(0)
-        running = list(self._running.values())
         try:
-            for each in running:
-                await each.consumer.stop_consuming()
-            for task in self._background:
-                task.cancel()
-            await asyncio.gather(*self._background, return_exceptions=True)
-            await self._drain(set().union(*(each.consumer.in_flight_tasks for each in running)))
-            await asyncio.gather(*self._retiring, return_exceptions=True)
+            if self._endpoints is not None:
+                await self._endpoints.stop_consuming()
+                await self._endpoints.close(self.settings.worker.shutdown_timeout_s)
             await self._stop_poller()
             if self._operational_events is not None:
                 await self._operational_events.close(self.settings.broker.publish_timeout_s)
-            for each in running:
-                await each.client.close()
-            for each in reversed(running):
-                await _close_quietly(each.channel)
             if self._publish_channel is not None:
-                await _close_quietly(self._publish_channel)
+                await close_quietly(self._publish_channel)
         finally:
             # Whatever went wrong above, the connections close: unacked messages return.
             await self._close_connections()
@@ -405,12 +267,5 @@ class Worker:
     async def _close_connections(self) -> None:
         for connection in (self._consume_connection, self._publish_connection):
             if connection is not None:
-                await _close_quietly(connection)
+                await close_quietly(connection)
         self._consume_connection = self._publish_connection = None
-
-
-async def _close_quietly(closable: AbstractChannel | AbstractRobustConnection) -> None:
-    try:
-        await closable.close()
-    except Exception as exc:  # noqa: BLE001 - closing what may already be broken
-        log.debug("close_failed", error=exc.__class__.__name__)

@@ -1,0 +1,270 @@
+"""The endpoints a worker delivers to, each with its channel, HTTP client and consumer.
+
+One lock serialises every change to the set: the first start, a reload's changes, a start
+retried in the background after the broker refused it, and the stop. So a start retried in
+the background can never register a consumer for an endpoint that a later reload changed
+(old URL, old secret) or removed (re-binding it), and stopping stops every consumer,
+including one that a background start had just registered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+
+from producer.connection import BROKER_GONE
+from worker.consumer import EndpointConsumer
+from worker.delivery import EndpointClient
+from worker.exceptions import HooklineError
+from worker.metrics import Metrics
+from worker.opsevents import OperationalEvents
+from worker.recorder import Recorder
+from worker.reload import ReloadPlan
+from worker.settings import EndpointSettings, Settings
+from worker.topology import endpoint_queue, inspect_queue, unbind_patterns
+
+RETRY_FIRST_DELAY_S = 0.5
+# What a failed start of one endpoint may raise: the broker refused (a topology conflict)
+# or went away. Anything else is a bug and propagates.
+START_FAILURES: tuple[type[BaseException], ...] = (HooklineError, *BROKER_GONE)
+
+log = structlog.get_logger("hookline.worker")
+
+
+@dataclass(slots=True)
+class RunningEndpoint:
+    channel: AbstractChannel
+    client: EndpointClient
+    consumer: EndpointConsumer
+
+
+class EndpointSet:
+    """Starts, changes and stops endpoint consumers on the worker's consume connection."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        connection: AbstractRobustConnection,
+        recorder: Recorder,
+        metrics: Metrics,
+        operational_events: OperationalEvents,
+    ) -> None:
+        self.settings = settings
+        self._connection = connection
+        self._recorder = recorder
+        self._metrics = metrics
+        self._operational_events = operational_events
+        self._running: dict[str, RunningEndpoint] = {}
+        self._lock = asyncio.Lock()
+        self._closed = False
+        # Starts being retried after the broker refused them, by endpoint name.
+        self._retrying: dict[str, asyncio.Task[None]] = {}
+        # Consumers replaced or removed, finishing their in-flight deliveries.
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    @property
+    def consumers(self) -> list[EndpointConsumer]:
+        return [running.consumer for running in self._running.values()]
+
+    def all_running(self) -> bool:
+        """Every started consumer is running (an endpoint whose start is being retried after
+        a reload does not make the worker unready: the others deliver)."""
+        return all(running.consumer.running for running in self._running.values())
+
+    def in_flight_tasks(self) -> set[asyncio.Task[Any]]:
+        return set().union(
+            *(running.consumer.in_flight_tasks for running in self._running.values())
+        )
+
+    async def start(self) -> None:
+        """Start every configured endpoint; a refusal here is the caller's to report."""
+        async with self._lock:
+            for endpoint in self.settings.endpoints:
+                self._metrics.register_endpoint(endpoint.name)
+                await self._start(endpoint)
+
+    async def apply(self, plan: ReloadPlan) -> list[str]:
+        """Apply a reload: endpoints removed, changed and added. Returns the names whose
+        new consumer could not start yet; those are retried in the background."""
+        failed: list[str] = []
+        async with self._lock:
+            if self._closed:
+                return failed
+            self.settings = plan.settings
+            for name in (*plan.removed, *plan.changed, *plan.added):
+                # A start still being retried is for a version this plan supersedes.
+                self._stop_retrying(name)
+                try:
+                    if name in plan.removed:
+                        await self._remove(name)
+                    else:
+                        await self._replace(name, plan.settings.endpoint(name))
+                except START_FAILURES as exc:
+                    failed.append(name)
+                    reason = str(exc) or exc.__class__.__name__
+                    log.error("config_reload_failed", endpoint=name, error=reason)
+                    if name not in plan.removed:
+                        self._retry_start(plan.settings.endpoint(name))
+        return failed
+
+    async def stop_consuming(self) -> None:
+        """Stop taking messages on every endpoint; no start can happen afterwards."""
+        async with self._lock:
+            self._closed = True
+            for name in list(self._retrying):
+                self._stop_retrying(name)
+            for running in self._running.values():
+                await running.consumer.stop_consuming()
+
+    async def close(self, drain_timeout_s: float) -> None:
+        """After :meth:`stop_consuming`: let deliveries finish within the bound, then close
+        HTTP clients and channels (messages not acked return to their queues)."""
+        await drain(self.in_flight_tasks(), drain_timeout_s)
+        await asyncio.gather(*self._retiring, return_exceptions=True)
+        running = list(self._running.values())
+        for each in running:
+            await each.client.close()
+        for each in reversed(running):
+            await close_quietly(each.channel)
+
+    async def _start(self, endpoint: EndpointSettings) -> None:
+        channel = await self._connection.channel()
+        client = EndpointClient(self.settings, endpoint)
+        consumer = EndpointConsumer(
+            settings=self.settings,
+            endpoint=endpoint,
+            channel=channel,
+            client=client,
+            recorder=self._recorder,
+            metrics=self._metrics,
+            operational_events=self._operational_events,
+        )
+        try:
+            await consumer.start()
+        except BaseException:
+            await client.close()
+            await close_quietly(channel)
+            raise
+        self._running[endpoint.name] = RunningEndpoint(channel, client, consumer)
+
+    async def _replace(self, name: str, endpoint: EndpointSettings) -> None:
+        """Stop the old consumer (if any), start the new one, let the old one finish.
+
+        Messages the old consumer had not started go back to the queue unattempted and
+        reach the new one; those it had started finish under the old settings, so nothing
+        is attempted twice or dropped.
+        """
+        self._metrics.register_endpoint(name)
+        running = self._running.pop(name, None)
+        if running is not None:
+            await running.consumer.stop_consuming()
+            dropped = set(running.consumer.endpoint.events) - set(endpoint.events)
+            if dropped and running.consumer.queue is not None:
+                exchange = self.settings.broker.exchange
+                await unbind_patterns(running.consumer.queue, exchange, dropped)
+            self._retire(running)
+        await self._start(endpoint)
+
+    async def _remove(self, name: str) -> None:
+        """Unbind it so no new events queue up, and leave what is queued where it is."""
+        running = self._running.pop(name, None)
+        if running is None:
+            # Never started here (its start was being retried): nothing bound through us.
+            self._metrics.forget_endpoint(name)
+            return
+        await running.consumer.stop_consuming()
+        queue = running.consumer.queue
+        if queue is not None:
+            await unbind_patterns(
+                queue, self.settings.broker.exchange, running.consumer.endpoint.events
+            )
+        self._retire(running)
+        self._metrics.forget_endpoint(name)
+        queued: int | None = None
+        with contextlib.suppress(Exception):  # only the count in the log line is missed
+            inspected = await inspect_queue(
+                self._connection, endpoint_queue(self.settings.broker.exchange, name)
+            )
+            queued = inspected[0] if inspected is not None else None
+        log.warning(
+            "endpoint_removed",
+            endpoint=name,
+            queued=queued,
+            hint="its queue and delay queues are kept: re-add the endpoint to deliver them, "
+            "or `python -m worker dlq retire` to move them to the dead-letter queue",
+        )
+
+    def _retire(self, running: RunningEndpoint) -> None:
+        task = asyncio.create_task(
+            self._finish(running), name=f"retire-{running.consumer.endpoint.name}"
+        )
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _finish(self, running: RunningEndpoint) -> None:
+        await drain(running.consumer.in_flight_tasks, self.settings.worker.shutdown_timeout_s)
+        await running.client.close()
+        await close_quietly(running.channel)
+
+    def _retry_start(self, endpoint: EndpointSettings) -> None:
+        task = asyncio.create_task(
+            self._start_with_backoff(endpoint), name=f"start-{endpoint.name}"
+        )
+        self._retrying[endpoint.name] = task
+
+    def _stop_retrying(self, name: str) -> None:
+        task = self._retrying.pop(name, None)
+        if task is not None:
+            task.cancel()
+
+    async def _start_with_backoff(self, endpoint: EndpointSettings) -> None:
+        delay_s = RETRY_FIRST_DELAY_S
+        me = asyncio.current_task()
+        while True:
+            await asyncio.sleep(delay_s)
+            async with self._lock:
+                if self._closed or self._retrying.get(endpoint.name) is not me:
+                    return  # stopping, or a later reload superseded this version
+                try:
+                    await self._start(endpoint)
+                except START_FAILURES as exc:
+                    log.warning(
+                        "endpoint_start_failed",
+                        endpoint=endpoint.name,
+                        error=exc.__class__.__name__,
+                        retry_in_s=delay_s,
+                    )
+                else:
+                    del self._retrying[endpoint.name]
+                    log.info("endpoint_started", endpoint=endpoint.name)
+                    return
+            delay_s = min(delay_s * 2, self.settings.broker.connect_retry_max_s)
+
+
+async def drain(in_flight: Iterable[asyncio.Task[Any]], timeout_s: float) -> None:
+    """Wait for deliveries to finish, at most ``timeout_s``; cancel what is left (their
+    messages were not acked, so the broker hands them out again)."""
+    tasks = set(in_flight)
+    if not tasks:
+        return
+    log.info("worker_draining", in_flight=len(tasks), timeout_s=timeout_s)
+    _, unfinished = await asyncio.wait(tasks, timeout=timeout_s)
+    for task in unfinished:
+        task.cancel()
+    if unfinished:
+        log.warning("worker_drain_timed_out", abandoned=len(unfinished))
+        await asyncio.wait(unfinished, timeout=5)
+
+
+async def close_quietly(closable: AbstractChannel | AbstractRobustConnection) -> None:
+    try:
+        await closable.close()
+    except Exception as exc:  # noqa: BLE001 - closing what may already be broken
+        log.debug("close_failed", error=exc.__class__.__name__)
