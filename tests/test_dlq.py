@@ -34,6 +34,7 @@ from tests.conftest import (
     make_settings,
     run_python,
 )
+from tests.helpers import TERMINAL_ATTACK, assert_terminal_safe, put_raw_dead_letter
 from worker import dlq
 from worker.settings import Settings
 from worker.topology import dead_letter_queue, endpoint_queue
@@ -346,3 +347,50 @@ async def test_replay_shows_a_progress_bar_on_a_terminal(
     assert b"replaying" in drawn and b"/30" in drawn
     _, _, err = await run_cli(declared, tmp_path, "replay")
     assert "replaying" not in err
+
+
+async def test_list_and_replay_escape_terminal_controls_from_publishers(
+    declared: Settings, exchange_name: str, broker: Broker, tmp_path: Path
+) -> None:
+    """Ids, types and header values of dead letters are publisher-controlled: list, list
+    --json and replay print control, C1 and bidi characters as visible escapes, and --json
+    still gives back the exact values."""
+    hostile_id = f"evt-{TERMINAL_ATTACK}\x7f"
+    body = json.dumps({"id": hostile_id, "type": f"to.a{TERMINAL_ATTACK}", "data": {}}).encode()
+    hostile_headers = {
+        "hookline-endpoint": "a",
+        "hookline-reason": f"attempts_exhausted{TERMINAL_ATTACK}",
+        "hookline-attempts": 3,
+        "hookline-last-status": TERMINAL_ATTACK,
+        "hookline-dead-lettered-at": f"2026-11-28T12:00:00+00:00{TERMINAL_ATTACK}",
+        "hookline-detail": TERMINAL_ATTACK,
+    }
+    channel = await broker.channel()
+    try:
+        await put_raw_dead_letter(channel, exchange_name, body, hostile_headers, "m-1")
+        await put_raw_dead_letter(
+            channel, exchange_name, b"\x9b[31m not JSON", {"hookline-endpoint": "b\u2066x"}
+        )
+    finally:
+        await channel.close()
+
+    code, out, err = await run_cli(declared, tmp_path, "list")
+    assert code == 0, err
+    assert_terminal_safe(out)
+    assert "evt-\\x1b[2J\\x9b\\u202e[bold red]\\x7f" in out
+    assert "b\\u2066x" in out and "2 dead letters" in out
+
+    code, out, err = await run_cli(declared, tmp_path, "list", "--json")
+    assert code == 0, err
+    assert_terminal_safe(out)
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert rows[0]["event_id"] == hostile_id
+    assert rows[0]["reason"] == hostile_headers["hookline-reason"]
+    assert rows[0]["detail"] == TERMINAL_ATTACK
+    assert rows[1]["endpoint"] == "b\u2066x"
+
+    code, out, err = await run_cli(declared, tmp_path, "replay", "--dry-run", "--endpoint", "a")
+    assert code == 0, err
+    assert_terminal_safe(out)
+    assert out.splitlines()[0] == "would replay evt-\\x1b[2J\\x9b\\u202e[bold red]\\x7f -> a"
+    await broker.wait_depth(dead_letter_queue(exchange_name), 2)
