@@ -250,16 +250,30 @@ def test_build_body_refuses_a_timestamp_it_cannot_write_as_rfc3339() -> None:
     ],
 )
 def test_publish_file_lines_follow_the_envelope_rules(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], line: str
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], exchange_name: str, line: str
 ) -> None:
     """`python -m producer publish --file` applies the envelope's rules (RFC 3339
     timestamps, no duplicate keys or out-of-range numbers, no spaces around ids) to every
     line before connecting, and names the line."""
-    config = write_config(tmp_path, make_document("hl-unused", []))
+    config = write_config(tmp_path, make_document(exchange_name, []))
     events = tmp_path / "events.jsonl"
-    events.write_text('{"type": "a.b", "timestamp": "2026-11-28t12:00:00z"}\n' + line + "\n")
+    events.write_text('{"type": "a.b", "timestamp": "2026-11-28T12:00:00Z"}\n' + line + "\n")
     code = producer_cli.main(["publish", "--config", str(config), "--file", str(events)])
     assert code == producer_cli.EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert f"{events}:2:" in err
     assert "Traceback" not in err
+
+
+def test_publish_file_takes_every_rfc3339_form(tmp_path: Path) -> None:
+    """The publish CLI reads --file timestamps with the envelope's rule, so the RFC 3339 forms
+    datetime.fromisoformat refuses (lower-case t and z, leap seconds) are taken too."""
+    events = tmp_path / "events.jsonl"
+    stamps = ["2026-11-28t12:00:00z", "2016-12-31T23:59:60Z", "2026-11-28T12:00:00.123456789Z"]
+    events.write_text("".join(f'{{"type": "a.b", "timestamp": "{s}"}}\n' for s in stamps))
+    read = [spec.timestamp for spec in producer_cli._read_jsonl(events)]
+    assert read == [
+        datetime(2026, 11, 28, 12, tzinfo=UTC),
+        datetime(2016, 12, 31, 23, 59, 59, 999999, UTC),
+        datetime(2026, 11, 28, 12, 0, 0, 123456, UTC),
+    ]
