@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from producer.envelope import build_body
+from producer.envelope import TIMESTAMP_RULE, build_body, parse_json, parse_timestamp
 from producer.exceptions import ConfigError, HooklineError, InvalidEnvelope, PublishError
 from producer.publisher import EventSpec, Publisher
 from producer.settings import BrokerSettings, load_broker_settings
@@ -68,10 +66,12 @@ def _read_jsonl(path: Path) -> list[EventSpec]:
 
 
 def _parse_object(text: str, where: str) -> dict[str, Any]:
+    # The worker's own JSON rules, so a line it would refuse is refused here, before publishing.
     try:
-        value = json.loads(text)
-    except ValueError:
-        raise ConfigError(f"{where}: not valid JSON") from None
+        value = parse_json(text)
+    except InvalidEnvelope as exc:
+        reason = str(exc).removeprefix("body is ")
+        raise ConfigError(f"{where}: {reason}") from None
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: must be a JSON object")
     return value
@@ -83,16 +83,19 @@ def _spec(document: dict[str, Any], where: str) -> EventSpec:
         raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
     try:
         timestamp = document.get("timestamp")
+        if timestamp is not None and not isinstance(timestamp, str):
+            raise InvalidEnvelope(TIMESTAMP_RULE)
         spec = EventSpec(
             type=document.get("type", ""),
             data=document.get("data", {}),
             id=document.get("id"),
-            timestamp=None if timestamp is None else datetime.fromisoformat(timestamp),
+            # The envelope's rule, not datetime.fromisoformat's wider ISO 8601.
+            timestamp=None if timestamp is None else parse_timestamp(timestamp),
         )
         # Validate every line before connecting, so a bad file publishes nothing.
         build_body(spec.type, spec.data, event_id=spec.id, timestamp=spec.timestamp)
     except (InvalidEnvelope, TypeError, ValueError) as exc:
-        reason = exc if isinstance(exc, InvalidEnvelope) else "timestamp must be RFC 3339"
+        reason = exc if isinstance(exc, InvalidEnvelope) else "not a valid event"
         raise ConfigError(f"{where}: {reason}") from None
     return spec
 

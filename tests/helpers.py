@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import decimal
+import re
 import socket
 import struct
 from datetime import UTC, datetime
 from typing import Any
 
+import aio_pika
+from aio_pika.abc import AbstractChannel
 from aiohttp.abc import AbstractResolver, ResolveResult
 from hypothesis import strategies as st
 from pamqp import body as pamqp_body
 from pamqp import commands, encode, exceptions, frame, header
+
+from worker.topology import dead_letter_queue
 
 
 def amqp_field_values(max_leaves: int = 8) -> st.SearchStrategy[Any]:
@@ -224,3 +229,40 @@ class FailingResolver(AbstractResolver):
 
     async def close(self) -> None:
         return None
+
+
+# Publisher-controlled text that acts on a terminal if printed as it is: clear screen (ESC
+# CSI), a C1 CSI, a right-to-left override, and rich markup.
+TERMINAL_ATTACK = "\x1b[2J\x9b\u202e[bold red]"
+# Raw characters that must never reach an operator's terminal (newline aside, which
+# separates lines): C0, DEL, C1, bidi and other invisible format characters, separators,
+# lone surrogates.
+RAW_UNSAFE_RE = re.compile(
+    "[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ud800-\udfff]"
+)
+
+
+def assert_terminal_safe(output: str) -> None:
+    """Fail if ``output`` holds a raw control, format or separator character."""
+    found = RAW_UNSAFE_RE.search(output)
+    assert found is None, f"raw {found.group()!r} at {found.start()} of {output!r}"
+
+
+async def put_raw_dead_letter(
+    channel: AbstractChannel,
+    exchange: str,
+    body: bytes,
+    headers: dict[str, Any],
+    message_id: str | None = None,
+) -> None:
+    """A message published straight into ``<exchange>.dead-letter``, as a hostile (or merely
+    unusual) publisher could: any body, any header values of any AMQP type."""
+    await channel.default_exchange.publish(
+        aio_pika.Message(
+            body,
+            headers=headers,
+            message_id=message_id,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        ),
+        dead_letter_queue(exchange),
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -13,12 +14,16 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import pytest
 import yaml
 from aio_pika.abc import AbstractIncomingMessage
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from producer import Publisher
 from producer.envelope import build_body
@@ -33,6 +38,12 @@ from tests.conftest import (
     make_document,
     make_settings,
     run_python,
+)
+from tests.helpers import (
+    TERMINAL_ATTACK,
+    amqp_field_values,
+    assert_terminal_safe,
+    put_raw_dead_letter,
 )
 from worker import dlq
 from worker.settings import Settings
@@ -346,3 +357,133 @@ async def test_replay_shows_a_progress_bar_on_a_terminal(
     assert b"replaying" in drawn and b"/30" in drawn
     _, _, err = await run_cli(declared, tmp_path, "replay")
     assert "replaying" not in err
+
+
+async def test_list_and_replay_escape_terminal_controls_from_publishers(
+    declared: Settings, exchange_name: str, broker: Broker, tmp_path: Path
+) -> None:
+    """Ids, types and header values of dead letters are publisher-controlled: list, list
+    --json and replay print control, C1 and bidi characters as visible escapes, and --json
+    still gives back the exact values."""
+    hostile_id = f"evt-{TERMINAL_ATTACK}\x7f"
+    body = json.dumps({"id": hostile_id, "type": f"to.a{TERMINAL_ATTACK}", "data": {}}).encode()
+    hostile_headers = {
+        "hookline-endpoint": "a",
+        "hookline-reason": f"attempts_exhausted{TERMINAL_ATTACK}",
+        "hookline-attempts": 3,
+        "hookline-last-status": TERMINAL_ATTACK,
+        "hookline-dead-lettered-at": f"2026-11-28T12:00:00+00:00{TERMINAL_ATTACK}",
+        "hookline-detail": TERMINAL_ATTACK,
+    }
+    channel = await broker.channel()
+    try:
+        await put_raw_dead_letter(channel, exchange_name, body, hostile_headers, "m-1")
+        await put_raw_dead_letter(
+            channel, exchange_name, b"\x9b[31m not JSON", {"hookline-endpoint": "b\u2066x"}
+        )
+    finally:
+        await channel.close()
+
+    code, out, err = await run_cli(declared, tmp_path, "list")
+    assert code == 0, err
+    assert_terminal_safe(out)
+    assert "evt-\\x1b[2J\\x9b\\u202e[bold red]\\x7f" in out
+    assert "b\\u2066x" in out and "2 dead letters" in out
+
+    code, out, err = await run_cli(declared, tmp_path, "list", "--json")
+    assert code == 0, err
+    assert_terminal_safe(out)
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert rows[0]["event_id"] == hostile_id
+    assert rows[0]["reason"] == hostile_headers["hookline-reason"]
+    assert rows[0]["detail"] == TERMINAL_ATTACK
+    assert rows[1]["endpoint"] == "b\u2066x"
+
+    code, out, err = await run_cli(declared, tmp_path, "replay", "--dry-run", "--endpoint", "a")
+    assert code == 0, err
+    assert_terminal_safe(out)
+    assert out.splitlines()[0] == "would replay evt-\\x1b[2J\\x9b\\u202e[bold red]\\x7f -> a"
+    await broker.wait_depth(dead_letter_queue(exchange_name), 2)
+
+
+def strict_json(line: str) -> Any:
+    """Parse as any JSON reader would: NaN and Infinity are not JSON."""
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def without_broker_headers(exported: dict[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in exported.items() if not name.startswith("x-")}
+
+
+async def test_export_writes_every_amqp_field_type_as_strict_json(
+    declared: Settings, exchange_name: str, broker: Broker, tmp_path: Path
+) -> None:
+    """Headers of every AMQP type (decimals, floats, byte arrays that are not UTF-8,
+    timestamps, nested tables and arrays, void, booleans) and a body id with a lone
+    surrogate are exported as strict JSON that keeps their values, and the messages leave
+    the queue (the export used to stop at such a message on every rerun). RabbitMQ itself
+    refuses NaN and infinite float headers; the next test covers those."""
+    odd_headers = {
+        "hookline-endpoint": "a",
+        "hookline-reason": "attempts_exhausted",
+        "price": Decimal("12.50"),
+        "ratio": 0.5,
+        "negative": -2.25,
+        "raw": bytearray(b"\xff\x00\xfe"),
+        "utf8_bytes": bytearray("café".encode()),
+        "at": datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC),
+        "nested": {"list": [Decimal("-1.1"), None, True, {"deep": bytearray(b"\x80")}], "n": -5},
+        "void": None,
+        "flag": False,
+    }
+    channel = await broker.channel()
+    try:
+        await put_raw_dead_letter(
+            channel, exchange_name, b'{"id": "evt\\ud800", "type": "to.a"}', odd_headers, "m-1"
+        )
+        await put_raw_dead_letter(channel, exchange_name, b"\xff\xfe", {"x": Decimal("1")}, "m-2")
+    finally:
+        await channel.close()
+    archive = tmp_path / "dead.jsonl"
+    code, out, err = await run_cli(declared, tmp_path, "export", "--file", str(archive))
+    assert (code, out.strip()) == (0, f"2 exported to {archive}"), err
+    await broker.wait_depth(dead_letter_queue(exchange_name), 0)
+    first, second = (strict_json(line) for line in archive.read_text("utf-8").splitlines())
+    assert first["message_id"] == "m-1"
+    assert first["dead_letter"]["event_id"] == "evt\\ud800"
+    # The broker adds its own (x-delivery-count on quorum queues).
+    assert without_broker_headers(first["headers"]) == {
+        "hookline-endpoint": "a",
+        "hookline-reason": "attempts_exhausted",
+        "price": "12.50",
+        "ratio": 0.5,
+        "negative": -2.25,
+        "raw": {"$bytes_base64": base64.b64encode(b"\xff\x00\xfe").decode()},
+        "utf8_bytes": "café",
+        "at": "2026-11-28T12:00:00+00:00",
+        "nested": {
+            "list": ["-1.1", None, True, {"deep": {"$bytes_base64": "gA=="}}],
+            "n": -5,
+        },
+        "void": None,
+        "flag": False,
+    }
+    assert json.loads(first["body"])["type"] == "to.a"
+    assert without_broker_headers(second["headers"]) == {"x": "1"}
+    assert second["body_base64"] == "//4="
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.text(max_size=10), amqp_field_values()))
+def test_any_header_table_exports_as_strict_json(table: dict[str, Any]) -> None:
+    """Whatever values a header table holds (NaN and infinities included, which RabbitMQ
+    refuses but other brokers may pass), its exported form is strict, UTF-8 JSON."""
+    line = json.dumps(dlq._plain(table), ensure_ascii=False, allow_nan=False)
+    line.encode("utf-8")
+    assert strict_json(line).keys() == table.keys()
+    special = {"n": float("nan"), "i": float("inf"), "m": float("-inf"), "d": Decimal("NaN")}
+    assert dlq._plain(special) == {"n": "NaN", "i": "Infinity", "m": "-Infinity", "d": "NaN"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import jsonschema
@@ -12,8 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from producer import cli as producer_cli
 from producer.envelope import build_body, parse_envelope
 from producer.exceptions import InvalidEnvelope
+from tests.conftest import make_document, write_config
 
 SCHEMA = json.loads((Path(__file__).parent.parent / "docs" / "envelope.schema.json").read_text())
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
@@ -125,3 +127,153 @@ def test_parser_and_schema_agree_on_arbitrary_objects(document: dict[str, object
     except InvalidEnvelope:
         accepted = False
     assert accepted == VALIDATOR.is_valid(document)
+
+
+@pytest.mark.parametrize("event_id", [" evt_1", "evt_1 ", " ", "  evt_1  "])
+def test_ids_with_surrounding_spaces_are_refused(event_id: str) -> None:
+    """HTTP trims header values, so a receiver could not verify a webhook-id that starts or
+    ends with a space: the parser, build_body and the schema refuse it; inner spaces pass."""
+    with pytest.raises(InvalidEnvelope, match="id"):
+        parse_envelope(json.dumps(valid(id=event_id)).encode(), 10_000)
+    with pytest.raises(InvalidEnvelope, match="id"):
+        build_body("a.b", {}, event_id=event_id)
+    assert not VALIDATOR.is_valid(valid(id=event_id))
+    assert parse_envelope(json.dumps(valid(id="evt 1")).encode(), 10_000).id == "evt 1"
+    assert VALIDATOR.is_valid(valid(id="x" + " " * 253 + "y"))
+
+
+def raw_body(data: str, extra: str = "") -> bytes:
+    """An envelope written by hand, for JSON that json.dumps cannot produce."""
+    return (
+        f'{{"id": "evt_1", "type": "a", "timestamp": "{STAMP}", {extra}"data": {data}}}'
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        raw_body("{}", extra='"id": "evt_2", '),
+        raw_body('{"user": {"role": "guest", "role": "admin"}}'),
+        raw_body('{"items": [{}, {"k": 1, "k": 1}]}'),
+    ],
+)
+def test_duplicate_keys_at_any_depth_are_refused(body: bytes) -> None:
+    """Receivers disagree on which of two equal keys wins, so any object with a duplicate
+    key, at the top or nested in objects and arrays, is refused without echoing it."""
+    with pytest.raises(InvalidEnvelope, match="duplicate key") as refused:
+        parse_envelope(body, 10_000)
+    assert "admin" not in str(refused.value) and "role" not in str(refused.value)
+
+
+@pytest.mark.parametrize("number", ["1e400", "-1e400", "1.5E+309", "[1, 2e999]", "NaN"])
+def test_numbers_beyond_the_float_range_are_refused(number: str) -> None:
+    """1e400 is JSON syntax but parses to inf, which no receiver can represent: refused at
+    any depth, like the NaN and Infinity literals; tiny numbers (1e-400) still pass."""
+    body = raw_body(f'{{"x": {{"v": {number}}}}}')
+    with pytest.raises(InvalidEnvelope, match="JSON"):
+        parse_envelope(body, 10_000)
+    tiny = body.replace(number.encode(), b"1e-400")
+    assert parse_envelope(tiny, 10_000).data == {"x": {"v": 0.0}}
+
+
+@pytest.mark.parametrize(
+    "stamp",
+    [
+        "2026-W48-6T12:00:00Z",  # ISO week date
+        "2026-332T12:00:00Z",  # ordinal date
+        "20261128T120000Z",  # basic format
+        "2026-11-28",  # date only
+        "2026-11-28T12:00Z",  # no seconds
+        "2026-11-28T12Z",
+        "2026-11-28 12:00:00Z",  # space separator
+        "2026-11-28T12:00:00,5Z",  # comma fraction
+        "2026-11-28T12:00:00.Z",
+        "2026-11-28T12:00:00+0530",  # offset without colon
+        "2026-11-28T12:00:00+05",
+        "2026-11-28T12:00:00+05:30:15",  # offset with seconds
+        "2026-11-28T12:00:00+24:00",
+        "2026-11-28T12:00:00+05:60",
+        "2026-11-28T12:00:00UTC",
+        "2026-11-28T24:00:00Z",
+        "2026-02-30T12:00:00Z",
+        "2026-13-01T12:00:00Z",
+        "0000-01-01T00:00:00Z",
+        "2026-11-28T12:30:60Z",  # a leap second is only ever 23:59:60 UTC
+        "\u0662\u0660\u0662\u0666-11-28T12:00:00Z",  # digits of another script
+        " 2026-11-28T12:00:00Z",
+        "2026-11-28T12:00:00Z\n",
+    ],
+)
+def test_timestamps_must_be_rfc3339(stamp: str) -> None:
+    """Only RFC 3339 date-times are accepted; datetime.fromisoformat's wider ISO 8601 forms
+    (week and ordinal dates, basic format, date only, odd offsets) are refused."""
+    with pytest.raises(InvalidEnvelope, match="timestamp"):
+        parse_envelope(json.dumps(valid(timestamp=stamp)).encode(), 10_000)
+
+
+@pytest.mark.parametrize(
+    ("stamp", "moment"),
+    [
+        ("2026-11-28t12:00:00z", datetime(2026, 11, 28, 12, tzinfo=UTC)),
+        ("2026-11-28T12:00:00.123456789Z", datetime(2026, 11, 28, 12, 0, 0, 123456, UTC)),
+        ("2026-11-28T17:30:00.5+05:30", datetime(2026, 11, 28, 12, 0, 0, 500000, UTC)),
+        ("2026-11-28T12:00:00-00:00", datetime(2026, 11, 28, 12, tzinfo=UTC)),
+        ("2016-12-31T23:59:60Z", datetime(2016, 12, 31, 23, 59, 59, 999999, UTC)),
+        ("2017-01-01T00:59:60+01:00", datetime(2016, 12, 31, 23, 59, 59, 999999, UTC)),
+    ],
+)
+def test_rfc3339_forms_that_are_accepted(stamp: str, moment: datetime) -> None:
+    """Lower-case t and z, any fraction length, -00:00 and leap seconds are RFC 3339; the
+    schema accepts them too."""
+    document = valid(timestamp=stamp)
+    assert parse_envelope(json.dumps(document).encode(), 10_000).timestamp == moment
+    VALIDATOR.validate(document)
+
+
+def test_build_body_refuses_a_timestamp_it_cannot_write_as_rfc3339() -> None:
+    """An offset with seconds has no RFC 3339 form; build_body refuses it."""
+    odd = timezone(timedelta(hours=1, seconds=30))
+    with pytest.raises(InvalidEnvelope, match="timestamp"):
+        build_body("a.b", {}, timestamp=datetime(2026, 1, 1, tzinfo=odd))
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"type": "a.b", "timestamp": "2026-W48-6T12:00:00Z"}',
+        '{"type": "a.b", "timestamp": "20261128T120000Z"}',
+        '{"type": "a.b", "timestamp": "2026-11-28"}',
+        '{"type": "a.b", "timestamp": 1700000000}',
+        '{"type": "a.b", "id": " evt_1"}',
+        '{"type": "a.b", "data": {"k": 1, "k": 2}}',
+        '{"type": "a.b", "data": {"k": 1e400}}',
+    ],
+)
+def test_publish_file_lines_follow_the_envelope_rules(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], exchange_name: str, line: str
+) -> None:
+    """`python -m producer publish --file` applies the envelope's rules (RFC 3339
+    timestamps, no duplicate keys or out-of-range numbers, no spaces around ids) to every
+    line before connecting, and names the line."""
+    config = write_config(tmp_path, make_document(exchange_name, []))
+    events = tmp_path / "events.jsonl"
+    events.write_text('{"type": "a.b", "timestamp": "2026-11-28T12:00:00Z"}\n' + line + "\n")
+    code = producer_cli.main(["publish", "--config", str(config), "--file", str(events)])
+    assert code == producer_cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert f"{events}:2:" in err
+    assert "Traceback" not in err
+
+
+def test_publish_file_takes_every_rfc3339_form(tmp_path: Path) -> None:
+    """The publish CLI reads --file timestamps with the envelope's rule, so the RFC 3339 forms
+    datetime.fromisoformat refuses (lower-case t and z, leap seconds) are taken too."""
+    events = tmp_path / "events.jsonl"
+    stamps = ["2026-11-28t12:00:00z", "2016-12-31T23:59:60Z", "2026-11-28T12:00:00.123456789Z"]
+    events.write_text("".join(f'{{"type": "a.b", "timestamp": "{s}"}}\n' for s in stamps))
+    read = [spec.timestamp for spec in producer_cli._read_jsonl(events)]
+    assert read == [
+        datetime(2026, 11, 28, 12, tzinfo=UTC),
+        datetime(2016, 12, 31, 23, 59, 59, 999999, UTC),
+        datetime(2026, 11, 28, 12, 0, 0, 123456, UTC),
+    ]

@@ -16,6 +16,7 @@ from tests.conftest import (
     run_python,
     write_config,
 )
+from tests.helpers import TERMINAL_ATTACK, assert_terminal_safe, put_raw_dead_letter
 from worker.settings import settings_from_document
 from worker.topology import dead_letter_queue
 
@@ -82,3 +83,34 @@ async def test_status_without_reachable_workers_says_circuit_unknown(
     [row] = json.loads(out)["endpoints"]
     assert (row["queued"], row["consumers"], row["circuit"]) == (None, None, "unknown")
     await broker.delete_all(settings_from_document(document, config, {}))
+
+
+async def test_status_table_shows_header_text_as_text(
+    tmp_path: Path, exchange_name: str, receiver: Receiver, broker: Broker
+) -> None:
+    """Dead-letter reasons come from message headers: the status table shows terminal
+    controls as visible escapes and rich markup as literal text, never acting on either."""
+    document = make_document(exchange_name, [endpoint("a", receiver.url("/a"), ["a.#"])])
+    config = write_config(tmp_path, document)
+    settings = settings_from_document(document, config, {})
+    await broker.declare(settings)
+    channel = await broker.channel()
+    try:
+        await put_raw_dead_letter(
+            channel,
+            exchange_name,
+            b"{}",
+            {"hookline-endpoint": "a", "hookline-reason": f"x{TERMINAL_ATTACK}y"},
+        )
+        code, out = await status(config, "--worker", "http://127.0.0.1:9")
+        assert code == 0, out
+        assert_terminal_safe(out)
+        assert "x\\x1b[2J\\x9b\\u202e[bold red]y 1" in out
+        code, out = await status(config, "--json", "--worker", "http://127.0.0.1:9")
+        assert code == 0, out
+        assert_terminal_safe(out)
+        [row] = json.loads(out)["endpoints"]
+        assert row["dead_letters"] == {f"x{TERMINAL_ATTACK}y": 1}
+    finally:
+        await channel.close()
+        await broker.delete_all(settings)

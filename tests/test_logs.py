@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -54,3 +55,34 @@ def test_amqp_library_errors_become_warnings_without_traceback(stream: io.String
     assert record["level"] == "warning"
     assert "exception" not in record
     assert "Traceback" not in line
+
+
+def _crash_with_personal_data(customer_email: str) -> None:
+    """Raises with ``customer_email`` in a frame local, as a delivery handler would hold data."""
+    order_note = f"ship to {customer_email}"
+    raise RuntimeError(f"handler bug after {len(order_note)} characters")
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_tracebacks_never_show_frame_locals(stream: io.StringIO, log_format: str) -> None:
+    """A crash logged through structlog or stdlib logging shows the exception type and the
+    frame names, never the values of frame locals (event data, personal data)."""
+    # Made at run time: console tracebacks show source lines, which must not contain it.
+    canary = f"canary-{uuid.uuid4().hex}@example.test"
+    section = WorkerSection(log_format="json" if log_format == "json" else "console")
+    configure_logging(section, stream)
+    try:
+        _crash_with_personal_data(canary)
+    except RuntimeError:
+        structlog.get_logger("t").exception("delivery_handler_crashed", message_id="m-1")
+        logging.getLogger("some.library").error("library_failed", exc_info=True)
+    output = stream.getvalue()
+    assert canary not in output
+    assert canary.split("@")[0].removeprefix("canary-") not in output
+    assert output.count("RuntimeError") >= 2
+    assert output.count("_crash_with_personal_data") >= 2
+    if log_format == "json":
+        records = [json.loads(line) for line in output.splitlines()]
+        assert [r["event"] for r in records] == ["delivery_handler_crashed", "library_failed"]
+        frames = [frame for r in records for frame in r["exception"][0]["frames"]]
+        assert frames and all("locals" not in frame for frame in frames)

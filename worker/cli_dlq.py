@@ -6,6 +6,7 @@ import argparse
 import json
 import re
 import sys
+import unicodedata
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -23,6 +24,12 @@ EXIT_BAD_INPUT = 2
 DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
 DURATION_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 RATE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(?:/s)?$")
+# What a publisher could use to drive an operator's terminal or disguise what it shows:
+# controls (C0, DEL, C1: escape sequences, CSI), format characters (Cf: bidi overrides and
+# isolates, invisible marks), line and paragraph separators, and lone surrogates (which
+# cannot even be encoded for printing).
+UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+NOT_PLAIN_ASCII_RE = re.compile(r"[^\x20-\x7e]")
 
 
 def positive_int(text: str) -> int:
@@ -130,7 +137,7 @@ async def run_dlq(settings: Settings, args: argparse.Namespace) -> int:
         letters = await dlq.list_dead_letters(settings, chosen)
         if args.json:
             for letter in letters:
-                print(json.dumps(asdict(letter), ensure_ascii=False))
+                print(terminal_json(asdict(letter)))
         else:
             print(format_table(letters))
     elif command == "replay":
@@ -140,7 +147,7 @@ async def run_dlq(settings: Settings, args: argparse.Namespace) -> int:
             )
         verb = "would replay" if report.dry_run else "replayed"
         for letter in report.replayed:
-            print(f"{verb} {letter.event_id} -> {letter.endpoint}")
+            print(f"{verb} {printable(letter.event_id)} -> {printable(letter.endpoint)}")
         summary = f"{len(report.replayed)} {'to replay (dry run)' if report.dry_run else verb}"
         if report.skipped_unknown_endpoint:
             summary += f", {report.skipped_unknown_endpoint} left: endpoint not in config"
@@ -175,13 +182,40 @@ def progress_bar(description: str) -> Iterator[dlq.Progress | None]:
         yield advance
 
 
+def printable(text: str) -> str:
+    """``text`` safe to show on a terminal: every character in ``UNSAFE_CATEGORIES`` becomes
+    a visible escape (``\\x1b``, ``\\u202e``); everything else, other scripts included, stays.
+
+    Ids, types and header values of dead letters come from publishers, so they pass through
+    this before they are printed."""
+    return NOT_PLAIN_ASCII_RE.sub(_escape_unsafe, text)
+
+
+def _escape_unsafe(match: re.Match[str]) -> str:
+    char = match.group()
+    if unicodedata.category(char) not in UNSAFE_CATEGORIES:
+        return char
+    code = ord(char)
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
+def terminal_json(value: Any, indent: int | None = None) -> str:
+    """JSON with every character outside printable ASCII escaped (``ensure_ascii``), DEL too,
+    which JSON leaves raw: what it prints is still the exact value, and inert on a terminal."""
+    return json.dumps(value, ensure_ascii=True, indent=indent).replace("\x7f", "\\u007f")
+
+
+def _cells(d: dlq.DeadLetter) -> tuple[str, ...]:
+    """A dead letter's table columns, in the order of ``format_table``'s header."""
+    shown = (d.event_id, d.event_type, d.endpoint, d.reason, d.attempts, d.last_status)
+    return (*shown, d.dead_lettered_at)
+
+
 def format_table(letters: Sequence[dlq.DeadLetter]) -> str:
     header = ("ID", "TYPE", "ENDPOINT", "REASON", "ATTEMPTS", "LAST STATUS", "DEAD-LETTERED AT")
-    rows = [header] + [
-        (d.event_id, d.event_type, d.endpoint, d.reason, d.attempts, d.last_status,
-         d.dead_lettered_at)
-        for d in letters
-    ]  # fmt: skip
+    rows = [header] + [tuple(printable(cell) for cell in _cells(d)) for d in letters]
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
              for row in rows]  # fmt: skip

@@ -10,7 +10,9 @@ the two leaves a duplicate (in the endpoint's queue, or in the file), never a ga
 from __future__ import annotations
 
 import base64
+import decimal
 import json
+import math
 import os
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -144,11 +146,15 @@ def _id_and_type(body: bytes) -> tuple[str | None, str | None]:
 
 
 def export_record(message: AbstractIncomingMessage) -> dict[str, Any]:
-    """One archived dead letter: its fields, every header, and the body, losslessly."""
+    """One archived dead letter: its fields, every header, and the body, losslessly.
+
+    Total: every value is made JSON by ``_plain``, so no header type a publisher can send
+    stops an export (which would stop at the same message on every rerun).
+    """
     record: dict[str, Any] = {
-        "dead_letter": asdict(DeadLetter.from_message(message)),
-        "message_id": message.message_id,
-        "headers": {name: _plain(value) for name, value in (message.headers or {}).items()},
+        "dead_letter": _plain(asdict(DeadLetter.from_message(message))),
+        "message_id": _plain(message.message_id),
+        "headers": _plain(message.headers or {}),
     }
     try:
         record["body"] = message.body.decode("utf-8")
@@ -158,15 +164,37 @@ def export_record(message: AbstractIncomingMessage) -> dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
+    """Any AMQP field value (as pamqp decodes it) as strict JSON, keeping what restores it:
+    decimals and non-finite floats as their strings (``"1.50"``, ``"NaN"``, ``"-Infinity"``),
+    timestamps as ISO 8601, byte strings as text when UTF-8 and otherwise as
+    ``{"$bytes_base64": ...}``, tables and arrays element by element; never raises."""
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            # Text parsed from a body can hold lone surrogates, which UTF-8 cannot encode.
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, bytes | bytearray):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return {"$bytes_base64": base64.b64encode(value).decode("ascii")}
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, list | tuple):
         return [_plain(item) for item in value]
     if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    return value
+        return {_plain(headers.text(key)): _plain(item) for key, item in value.items()}
+    return _plain(headers.text(value))
 
 
 @dataclass(frozen=True, slots=True)

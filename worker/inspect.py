@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import aiohttp
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from producer.connection import connect
 from worker import dlq
+from worker.cli_dlq import printable, terminal_json
 from worker.retry import delay_tiers
 from worker.settings import Settings
 from worker.topology import delay_label, delay_queue, endpoint_queue, inspect_queue
@@ -104,12 +105,13 @@ async def run_status(settings: Settings, args: argparse.Namespace) -> int:
     urls = args.worker if args.worker is not None else default_worker_urls(settings)
     reports, scanned, total = await gather(settings, urls, args.scan_limit)
     if args.json:
-        print(json.dumps({
+        document = {
             "exchange": settings.broker.exchange,
             "dead_letters_read": scanned,
             "dead_letters_total": total,
             "endpoints": [{**asdict(report), "circuit": report.circuit} for report in reports],
-        }, indent=2))  # fmt: skip
+        }
+        print(terminal_json(document, indent=2))
         return 0
     Console(width=max(100, Console().width)).print(render(reports, scanned, total, urls))
     return 0
@@ -127,18 +129,25 @@ def render(reports: list[EndpointReport], scanned: int, total: int, urls: list[s
         dead = ", ".join(f"{reason} {count}" for reason, count in sorted(
             report.dead_letters.items())) or "0"  # fmt: skip
         table.add_row(
-            report.name,
+            _cell(report.name),
             _number(report.queued),
             _number(report.consumers),
-            report.circuit,
-            tiers,
-            dead,
+            _cell(report.circuit),
+            _cell(tiers),
+            _cell(dead),
         )
     if scanned < total:
         table.caption = f"dead letters counted over the first {scanned} of {total}"
     elif not urls:
         table.caption = "circuit unknown: pass --worker http://HOST:PORT"
     return table
+
+
+def _cell(text: str) -> str:
+    """Text for a table cell, shown as it is: dead-letter reasons come from message headers
+    and circuit states from workers' answers, so neither may carry terminal controls or rich
+    markup (``[link=...]``, ``[bold red]``) that rich would act on."""
+    return escape(printable(text))
 
 
 def _number(value: int | None) -> str:

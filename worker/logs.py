@@ -35,11 +35,23 @@ def configure_logging(section: WorkerSection, stream: TextIO | None = None) -> N
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    # Tracebacks never show frame locals: they hold event data (personal data) and secrets.
+    # structlog's dict_tracebacks and ConsoleRenderer both render them by default.
     renderer: structlog.typing.Processor = (
-        structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer(
+            exception_formatter=structlog.dev.RichTracebackFormatter(show_locals=False)
+        )
+        if use_console
+        else structlog.processors.JSONRenderer()
     )
     tail: list[structlog.typing.Processor] = (
-        [] if use_console else [structlog.processors.dict_tracebacks]
+        []
+        if use_console
+        else [
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            )
+        ]
     )
     structlog.configure(
         processors=[*shared, *tail, renderer],

@@ -10,6 +10,11 @@ They never loop: an event whose own type starts with ``hookline.`` produces no
 ``dead_lettered`` event when it is dead-lettered, and failing/recovered are emitted on
 circuit changes only, which the cool-down bounds. Publishing is best effort and off the
 delivery path: a lost operational event is logged, never retried into a loop.
+
+They carry ``hookline-mandatory: 1``, as SDK events do: with no ``hookline.#`` subscriber the
+broker returns them instead of keeping them in ``<exchange>.unrouted``, where they would push
+out real unrouted events and inflate ``webhook_unrouted_messages``. Nobody subscribing is an
+operator's choice, so that is logged at info, not as a failure.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ import structlog
 from aio_pika.abc import AbstractExchange
 
 from producer.envelope import build_body
+from producer.headers import MANDATORY
 from producer.publisher import persistent_message, publish_confirmed
-from worker.exceptions import PublishError
+from worker.exceptions import PublishError, Unroutable
 
 OPERATIONAL_PREFIX = "hookline."
 ENDPOINT_FAILING = "hookline.endpoint.failing"
@@ -92,10 +98,13 @@ class OperationalEvents:
         try:
             await publish_confirmed(
                 self._exchange,
-                persistent_message(body, message_id=event_id),
+                persistent_message(body, message_id=event_id, headers={MANDATORY: "1"}),
                 event_type,
                 self._timeout_s,
             )
+        except Unroutable:
+            endpoint = data.get("endpoint")
+            log.info("operational_event_unsubscribed", event_type=event_type, endpoint=endpoint)
         except PublishError as exc:
             log.warning("operational_event_not_published", event_type=event_type,
                         endpoint=data.get("endpoint"), error=str(exc))  # fmt: skip
