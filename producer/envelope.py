@@ -194,4 +194,9 @@ def build_body(
         "timestamp": stamp,
         "data": _check_data(data),
     }
-    return event_id, json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
+    try:
+        text = json.dumps(document, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        # Values JSON cannot hold (NaN, sets, objects): the caller's data, named by kind.
+        raise InvalidEnvelope(f"data cannot be written as JSON: {exc.__class__.__name__}") from None
+    return event_id, text.encode()

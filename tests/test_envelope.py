@@ -277,3 +277,11 @@ def test_publish_file_takes_every_rfc3339_form(tmp_path: Path) -> None:
         datetime(2016, 12, 31, 23, 59, 59, 999999, UTC),
         datetime(2026, 11, 28, 12, 0, 0, 123456, UTC),
     ]
+
+
+@pytest.mark.parametrize("data", [{"n": float("nan")}, {"n": float("inf")}, {"s": {1, 2}}])
+def test_build_body_refuses_data_json_cannot_hold(data: dict[str, object]) -> None:
+    """NaN, infinities and non-JSON types are the caller's mistake: InvalidEnvelope, not a
+    bare ValueError or TypeError from the JSON encoder."""
+    with pytest.raises(InvalidEnvelope, match="cannot be written as JSON"):
+        build_body("a.b", data)

@@ -32,7 +32,7 @@ from worker.metrics import Metrics
 from worker.reload import plan_reload
 from worker.service import Worker
 from worker.settings import settings_from_document
-from worker.topology import dead_letter_queue, endpoint_queue
+from worker.topology import dead_letter_queue, endpoint_queue, inspect_queue
 
 
 def test_plan_names_added_removed_and_changed_endpoints() -> None:
@@ -212,5 +212,59 @@ async def _ready(worker: Worker) -> bool:
     return worker.is_ready()
 
 
-async def _logged(logs: list[dict[str, object]], event: str) -> bool:
-    return any(entry["event"] == event for entry in logs)
+async def _logged(logs: list[dict[str, object]], event: str, count: int = 1) -> bool:
+    return sum(entry["event"] == event for entry in logs) >= count
+
+
+@pytest.mark.parametrize("later", ["changed", "removed"])
+async def test_a_start_retried_in_the_background_never_revives_an_older_version(
+    later: str, exchange_name: str, receiver: Receiver, broker: Broker
+) -> None:
+    """A reload adds an endpoint the broker refuses, so its start is retried in the
+    background; a second reload then changes its URL, or removes it. Once the broker
+    accepts, only the latest version runs: events reach the new URL, never the old one,
+    and a removed endpoint is never declared or bound again."""
+    a = endpoint("a", receiver.url("/a"), ["a.#"])
+    old_late = endpoint("late", receiver.url("/old"), ["late.#"])
+    new_late = endpoint("late", receiver.url("/new"), ["late.#"])
+    documents = iter(
+        [
+            make_document(exchange_name, [a, old_late]),
+            make_document(exchange_name, [a, new_late] if later == "changed" else [a]),
+        ]
+    )
+    worker = Worker(
+        settings_from_document(make_document(exchange_name, [a]), Path("x.yaml"), {}),
+        Metrics(),
+        load_settings=lambda: settings_from_document(next(documents), Path("x.yaml"), {}),
+    )
+    channel = await broker.channel()
+    conflicting = endpoint_queue(exchange_name, "late")
+    await channel.declare_queue(conflicting, durable=True)  # classic, not quorum
+    task = asyncio.create_task(worker.run())
+    try:
+        await eventually(lambda: _ready(worker))
+        with capture_logs() as logs:
+            worker.request_reload()
+            await eventually(lambda: _logged(logs, "config_reload_failed"))
+            worker.request_reload()
+            await eventually(lambda: _logged(logs, "config_reloaded", count=2))
+            await channel.queue_delete(conflicting)
+            if later == "changed":
+                await eventually(lambda: _logged(logs, "endpoint_started"), timeout_s=20)
+            else:
+                await asyncio.sleep(3)  # longer than the first retries' back-off
+        assert not task.done()
+        if later == "changed":
+            await publish_events(exchange_name, 3, "late.event", "late")
+            await receiver.wait_for(lambda: len(receiver.delivered_ids("/new")) == 3)
+            assert receiver.on("/old") == []
+        else:
+            assert not await _logged(logs, "endpoint_started")
+            assert await inspect_queue(broker.connection, conflicting) is None
+        assert worker.is_ready()
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, timeout=30)
+        await channel.close()
+        await broker.delete_all(make_settings(exchange_name, [a, new_late]))
