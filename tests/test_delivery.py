@@ -624,3 +624,62 @@ async def test_ca_bundle_adds_to_the_system_trust_store(
             return sorted(hits) == ["/private", "/public"]
 
         await eventually(both_delivered, timeout_s=10)
+
+
+header_lines = st.lists(
+    st.tuples(
+        st.sampled_from(
+            [
+                b"Retry-After",
+                b"Content-Length",
+                b"Transfer-Encoding",
+                b"Content-Encoding",
+                b"Set-Cookie",
+                b"Content-Type",
+                b"X-Any",
+            ]
+        ),
+        st.binary(max_size=40),
+    ),
+    max_size=5,
+)
+raw_responses = st.one_of(
+    st.binary(max_size=300),
+    st.builds(
+        lambda status, headers, body: (
+            b"HTTP/1.1 "
+            + status
+            + b" X\r\n"
+            + b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+            + b"\r\n"
+            + body
+        ),
+        st.one_of(st.sampled_from([b"200", b"429", b"503", b"301", b"500"]), st.binary(max_size=6)),
+        header_lines,
+        st.binary(max_size=100),
+    ),
+)
+
+
+@hypothesis.settings(max_examples=150, deadline=None)
+@hypothesis.given(raw_responses)
+async def test_anything_an_endpoint_answers_is_an_outcome(response: bytes) -> None:
+    """Arbitrary bytes, and responses with arbitrary status and header values, from a real
+    socket: the attempt always ends in a result, never in an exception that classify_error
+    would re-raise as Hookline's own failure."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(response)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    client = client_for(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook", timeout_s=2)
+    try:
+        result = await client.attempt("evt-fz", b"{}")
+    finally:
+        await client.close()
+        server.close()
+    assert result.status is not None or result.error is not None
+    assert result.retry_after_s is None or 0 <= result.retry_after_s <= MAX_DELAY_S
