@@ -121,6 +121,41 @@ def mask_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:****@{netloc}"))
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping names the same key twice."""
+
+    def __init__(self, key: object, first_line: int, line: int) -> None:
+        super().__init__(problem=f"duplicate key {str(key)[:80]!r}")
+        self.key = key
+        self.first_line = first_line
+        self.line = line
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``SafeLoader`` that refuses a key written twice in one mapping, at any depth.
+
+    PyYAML keeps the last value silently, so a second ``security:`` block would quietly
+    replace the first. Keys brought in by a ``<<`` merge may still be overridden: that is
+    what a merge is for.
+    """
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise DuplicateKeyError(key, seen[key], line)
+                    seen[key] = line
+                except TypeError:
+                    continue  # unhashable: SafeLoader reports it
+        return super().construct_mapping(node, deep=deep)  # type: ignore[arg-type]
+
+
 def read_config_file(path: Path, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Load YAML (or JSON) from ``path`` and apply the environment overrides."""
     environ = os.environ if environ is None else environ
@@ -131,7 +166,13 @@ def read_config_file(path: Path, environ: Mapping[str, str] | None = None) -> di
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc.__class__.__name__}") from None
     try:
-        document = yaml.safe_load(text)
+        # UniqueKeyLoader is a SafeLoader: it constructs only plain YAML types.
+        document = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506  # nosec B506
+    except DuplicateKeyError as exc:
+        raise ConfigError(
+            f"{path}: {exc.problem} at line {exc.line} (first at line {exc.first_line}); "
+            "each key may appear once in a mapping"
+        ) from None
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" (line {where.line + 1})" if where is not None else ""

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 BROKER_HOST, BROKER_PORT = "127.0.0.1", 5672
 START_NODE = (
-    "if [ \"$(id -u)\" = 0 ]; then"
+    'if [ "$(id -u)" = 0 ]; then'
     " su rabbitmq -s /bin/sh -c 'ulimit -n $(ulimit -Hn); rabbitmq-server -detached';"
     " else ulimit -n $(ulimit -Hn); rabbitmq-server -detached; fi"
 )

@@ -266,3 +266,31 @@ async def put_raw_dead_letter(
         ),
         dead_letter_queue(exchange),
     )
+
+
+class RecordingResolver(AbstractResolver):
+    """A DNS server answering every name with the same addresses, noting each name asked:
+    a hostile DNS record, and a witness of which host spelling was looked up."""
+
+    def __init__(self, *addresses: str) -> None:
+        self.addresses = addresses
+        self.names: list[str] = []
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        self.names.append(host)
+        return [
+            ResolveResult(
+                hostname=host,
+                host=address,
+                port=port,
+                family=socket.AF_INET6 if ":" in address else socket.AF_INET,
+                proto=0,
+                flags=0,
+            )
+            for address in self.addresses
+        ]
+
+    async def close(self) -> None:
+        return None

@@ -6,20 +6,36 @@ import asyncio
 import email.utils
 import socket
 import ssl
+import struct
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import hypothesis
 import pytest
 import trustme
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
+from hypothesis import strategies as st
 from standardwebhooks.webhooks import Webhook
 
-from tests.conftest import SECRET_A, Receiver, endpoint, make_settings
+from tests.conftest import (
+    SECRET_A,
+    Broker,
+    Receiver,
+    RunWorker,
+    endpoint,
+    eventually,
+    make_settings,
+    publish_events,
+)
+from tests.helpers import RecordingResolver
 from worker.delivery import EndpointClient, parse_retry_after
+from worker.netguard import BLOCKED_MESSAGE
 from worker.outcomes import AttemptResult
-from worker.settings import Settings
+from worker.sendtest import run_send_test
+from worker.settings import MAX_DELAY_S, Settings
+from worker.topology import dead_letter_queue
 
 
 def client_for(url: str, **extra: object) -> EndpointClient:
@@ -279,3 +295,391 @@ async def test_oversized_response_headers_are_a_failed_attempt() -> None:
         server.close()
     assert not result.delivered
     assert result.error in ("protocol_error", "connection_error")
+
+
+# Spellings of loopback that yarl (and so aiohttp) turns into the literal 127.0.0.1 or 127.1.
+LOOPBACK_SPELLINGS = (
+    "\u2460\u2461\u2466.0.0.1",  # circled digits
+    "\uff11\uff12\uff17.\uff10.\uff10.\uff11",  # fullwidth digits
+    "127\u30020\u30020\u30021",  # ideographic full stops
+    "127\uff0e0\uff0e0\uff0e1",  # fullwidth full stops
+)
+
+
+def with_unchecked_urls(settings: Settings, urls: dict[str, str]) -> Settings:
+    """``settings`` with endpoint URLs replaced without validation: what the delivery path
+    does if a URL ever got past the config checks."""
+    endpoints = tuple(
+        ep.model_copy(update={"url": urls[ep.name]}) if ep.name in urls else ep
+        for ep in settings.endpoints
+    )
+    return settings.model_copy(update={"endpoints": endpoints})
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/")[0])
+
+
+async def test_worker_never_dials_a_host_that_normalises_to_loopback(
+    exchange_name: str, receiver: Receiver, run_worker: RunWorker, broker: Broker
+) -> None:
+    """A real worker with default security: endpoints whose hosts become 127.0.0.1 only once
+    normalised (had they got past config load), an ASCII loopback literal and a name that
+    becomes 'localhost' never reach the listening receiver. Each is dead-lettered as
+    blocked_destination with one detail, whether its port is open or closed."""
+    port = port_of(receiver.base_url)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    urls = {
+        f"idn{index}": f"http://{host}:{port}/x" for index, host in enumerate(LOOPBACK_SPELLINGS)
+    }
+    urls["short"] = f"http://\u2460\u2461\u2466.\u2460:{port}/x"  # becomes 127.1
+    urls["closed"] = f"http://\u2460\u2461\u2466.0.0.1:{closed_port}/x"
+    urls["ascii"] = f"http://127.0.0.1:{port}/x"
+    urls["named"] = f"http://\uff4c\uff4f\uff43\uff41\uff4c\uff48\uff4f\uff53\uff54:{port}/x"
+    settings = make_settings(
+        exchange_name,
+        [endpoint(name, "http://placeholder.example/", ["s.*"]) for name in urls],
+        security={"allow_private_networks": False},
+    )
+    await run_worker(with_unchecked_urls(settings, urls))
+    await publish_events(exchange_name, 1, "s.x", "evt")
+    queue = dead_letter_queue(exchange_name)
+
+    async def all_dead_lettered() -> bool:
+        return await broker.depth(queue) == len(urls)
+
+    await eventually(all_dead_lettered)
+    letters = await broker.drain(queue)
+    assert {letter.headers["hookline-endpoint"] for letter in letters} == set(urls)
+    assert {letter.headers["hookline-reason"] for letter in letters} == {"blocked_destination"}
+    assert {letter.headers["hookline-detail"] for letter in letters} == {BLOCKED_MESSAGE}
+    assert receiver.requests == []
+
+
+async def test_send_test_never_dials_a_host_that_normalises_to_loopback(
+    receiver: Receiver, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """send-test goes through the same guarded client: a host that only becomes 127.0.0.1
+    once normalised is reported as blocked_destination and exits 1, reaching nothing."""
+    port = port_of(receiver.base_url)
+    for host in LOOPBACK_SPELLINGS:
+        settings = make_settings(
+            "unused",
+            [endpoint("loop", "http://placeholder.example/", ["a.#"])],
+            security={"allow_private_networks": False},
+        )
+        settings = with_unchecked_urls(settings, {"loop": f"http://{host}:{port}/hook"})
+        assert await run_send_test(settings, "loop") == 1
+        assert capsys.readouterr().out.startswith("loop: blocked_destination after ")
+    assert receiver.requests == []
+
+
+async def test_connector_check_holds_without_the_literal_precheck(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defence in depth: with the pre-attempt literal check switched off, the check on the
+    socket about to be dialled still refuses a loopback literal, and the attempt is a
+    blocked_destination with the usual detail."""
+    monkeypatch.setattr("worker.delivery.check_literal_host", lambda *_, **__: None)
+    settings = make_settings(
+        "unused",
+        [endpoint("loop", receiver.url("/hook"), ["#"])],
+        security={"allow_private_networks": False},
+    )
+    result = await attempt_once(settings, "evt-d1")
+    assert (result.error, result.detail) == ("blocked_destination", BLOCKED_MESSAGE)
+    assert receiver.requests == []
+
+
+async def start_fake_proxy(seen: list[bytes]) -> tuple[asyncio.Server, int]:
+    """An HTTP proxy that answers 204 to every request and records its head."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def test_proxy_precheck_refuses_a_name_with_any_refused_address() -> None:
+    """Through a proxy, a name resolving to a public and a private address is refused (the
+    proxy could connect to either) and the proxy receives nothing."""
+    seen: list[bytes] = []
+    server, proxy_port = await start_fake_proxy(seen)
+    settings = make_settings(
+        "unused",
+        [endpoint("via", "http://mixed.example/hook", ["#"])],
+        delivery={"proxy_url": f"http://127.0.0.1:{proxy_port}"},
+        security={"allow_private_networks": False},
+    )
+    dns = RecordingResolver("93.184.216.34", "10.0.0.1")
+    client = EndpointClient(settings, settings.endpoints[0], resolver=dns)
+    try:
+        result = await client.attempt("evt-p2", b"{}")
+    finally:
+        await client.close()
+        server.close()
+    assert (result.error, result.detail) == ("blocked_destination", BLOCKED_MESSAGE)
+    assert dns.names == ["mixed.example"]
+    assert seen == []
+
+
+async def test_proxy_precheck_resolves_the_host_the_request_names() -> None:
+    """Through a proxy, the name checked is the one the proxy is asked for: the IDNA 2008
+    form yarl builds (xn--fa-hia for 'fa\u00df'), not what the system codec would make of
+    the written host (IDNA 2003 maps it to 'fass')."""
+    seen: list[bytes] = []
+    server, proxy_port = await start_fake_proxy(seen)
+    settings = make_settings(
+        "unused",
+        [endpoint("via", "http://FA\u00df.example/hook", ["#"])],
+        delivery={"proxy_url": f"http://127.0.0.1:{proxy_port}"},
+        security={"allow_private_networks": False},
+    )
+    dns = RecordingResolver("93.184.216.34")
+    client = EndpointClient(settings, settings.endpoints[0], resolver=dns)
+    try:
+        result = await client.attempt("evt-p3", b"{}")
+    finally:
+        await client.close()
+        server.close()
+    assert result.status == 204
+    assert dns.names == ["xn--fa-hia.example"]
+    assert seen[0].startswith(b"POST http://xn--fa-hia.example/hook HTTP/1.1")
+
+
+async def test_connection_failures_share_one_detail() -> None:
+    """Refused, reset and unreachable destinations are all connection_error with the same
+    detail, so the detail cannot be used to scan ports behind an endpoint URL."""
+
+    async def reset(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    server = await asyncio.start_server(reset, "127.0.0.1", 0)
+    reset_port = server.sockets[0].getsockname()[1]
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    results = []
+    try:
+        for url in (
+            f"http://127.0.0.1:{closed_port}/hook",  # refused
+            f"http://127.0.0.1:{reset_port}/hook",  # accepted, then reset
+            "http://224.0.0.1:80/hook",  # a multicast address: network unreachable
+        ):
+            client = client_for(url, timeout_s=3)
+            try:
+                results.append(await client.attempt("evt-c1", b"{}"))
+            finally:
+                await client.close()
+    finally:
+        server.close()
+    assert [result.error for result in results] == ["connection_error"] * 3
+    assert len({result.detail for result in results}) == 1, [r.detail for r in results]
+
+
+RETRY_AFTER_CASES = [
+    ("120", 120.0),
+    ("0", 0.0),
+    ("0" * 40 + "7", 7.0),
+    ("9" * 5000, MAX_DELAY_S),  # more digits than int() accepts
+    ("99999999999", MAX_DELAY_S),
+    (str(MAX_DELAY_S + 1), MAX_DELAY_S),
+    ("\u0663", None),  # Arabic-Indic digit three: str.isdigit() says yes
+    ("\uff13\uff10", None),  # fullwidth 30
+    ("-5", None),
+    ("1.5", None),
+    ("1e9", None),
+    ("Mon, 01 Jan 99999999999999999999 00:00:00 GMT", None),  # year past C long
+    ("Mon, 01 Jan 2026 99999999999999999999:00:00 GMT", None),
+    ("Tue, 01 Jan 10000 00:00:00 GMT", None),
+    ("Fri, 31 Dec 9999 23:59:59 -2359", MAX_DELAY_S),  # far future: capped
+    ("Mon, 01 Jan 0001 00:00:00 +2359", 0.0),
+    ("Sun, 06 Nov 1994 08:49:37 GMT", 0.0),
+    ("\x00", None),
+]
+
+
+@pytest.mark.parametrize(("value", "expected"), RETRY_AFTER_CASES)
+def test_retry_after_is_total_and_capped(value: str, expected: float | None) -> None:
+    """Whatever the endpoint writes, Retry-After gives seconds in [0, MAX_DELAY_S] or None,
+    and never an exception."""
+    assert parse_retry_after(value) == expected
+
+
+http_dates = st.builds(
+    "{}, {:02d} {} {} {:02d}:{:02d}:{:02d} {}".format,
+    st.sampled_from(["Mon", "Tue", "Sun", "X"]),
+    st.integers(min_value=-(10**25), max_value=10**25),
+    st.sampled_from(["Jan", "Feb", "Dec", "Foo"]),
+    st.integers(min_value=-(10**25), max_value=10**25),
+    st.integers(min_value=-99, max_value=10**20),
+    st.integers(min_value=0, max_value=99),
+    st.integers(min_value=0, max_value=99),
+    st.one_of(st.sampled_from(["GMT", "UTC", "EST", "+0000", "-2359", ""]), st.text(max_size=8)),
+)
+
+
+@hypothesis.settings(max_examples=1000, deadline=None)
+@hypothesis.given(st.one_of(st.text(), http_dates, st.from_regex(r"\A\s*[0-9]{1,60}\s*\Z")))
+def test_retry_after_never_raises(value: str) -> None:
+    """Arbitrary strings, date-shaped ones with any numbers, and long digit runs: the
+    result is None or a number of seconds within [0, MAX_DELAY_S]."""
+    seconds = parse_retry_after(value)
+    assert seconds is None or 0 <= seconds <= MAX_DELAY_S
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"Mon, 01 Jan 99999999999999999999 00:00:00 GMT",
+        b"9" * 6000,
+        "\u0663".encode(),
+        b"\xff\xfe",
+    ],
+)
+async def test_hostile_retry_after_is_an_outcome_not_a_crash(header: bytes) -> None:
+    """A real endpoint answering 429 with a hostile Retry-After gives an attempt result
+    with a bounded delay (or none), not an exception out of the client."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: "
+            + header
+            + b"\r\nContent-Length: 0\r\n\r\n"
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    client = client_for(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook")
+    try:
+        result = await client.attempt("evt-ra", b"{}")
+    finally:
+        await client.close()
+        server.close()
+    assert result.status == 429
+    assert result.retry_after_s is None or 0 <= result.retry_after_s <= MAX_DELAY_S
+
+
+async def test_ca_bundle_adds_to_the_system_trust_store(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    exchange_name: str,
+    run_worker: RunWorker,
+) -> None:
+    """One worker delivers both to an endpoint whose certificate chains to a CA in the
+    system store (played by SSL_CERT_FILE, which OpenSSL's default paths honour) and to one
+    signed by the private CA in security.ca_bundle: the bundle adds to the system CAs."""
+    public_ca, private_ca = trustme.CA(), trustme.CA()
+    system_store = tmp_path / "system.pem"
+    public_ca.cert_pem.write_to_path(str(system_store))
+    empty_dir = tmp_path / "certs"
+    empty_dir.mkdir()
+    monkeypatch.setenv("SSL_CERT_FILE", str(system_store))
+    monkeypatch.setenv("SSL_CERT_DIR", str(empty_dir))
+    bundle = tmp_path / "private.pem"
+    private_ca.cert_pem.write_to_path(str(bundle))
+    hits: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.Response()
+
+    contexts = []
+    for authority in (public_ca, private_ca):
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        authority.issue_cert("127.0.0.1").configure_cert(context)
+        contexts.append(context)
+    async with (
+        serve(record, ssl_context=contexts[0]) as public_url,
+        serve(record, ssl_context=contexts[1]) as private_url,
+    ):
+        settings = make_settings(
+            exchange_name,
+            [
+                endpoint("public", public_url.replace("/hook", "/public"), ["t.*"]),
+                endpoint("private", private_url.replace("/hook", "/private"), ["t.*"]),
+            ],
+            security={
+                "require_https": True,
+                "allow_private_networks": True,
+                "ca_bundle": str(bundle),
+            },
+        )
+        await run_worker(settings)
+        await publish_events(exchange_name, 1, "t.x", "tls")
+
+        async def both_delivered() -> bool:
+            return sorted(hits) == ["/private", "/public"]
+
+        await eventually(both_delivered, timeout_s=10)
+
+
+header_lines = st.lists(
+    st.tuples(
+        st.sampled_from(
+            [
+                b"Retry-After",
+                b"Content-Length",
+                b"Transfer-Encoding",
+                b"Content-Encoding",
+                b"Set-Cookie",
+                b"Content-Type",
+                b"X-Any",
+            ]
+        ),
+        st.binary(max_size=40),
+    ),
+    max_size=5,
+)
+raw_responses = st.one_of(
+    st.binary(max_size=300),
+    st.builds(
+        lambda status, headers, body: (
+            b"HTTP/1.1 "
+            + status
+            + b" X\r\n"
+            + b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+            + b"\r\n"
+            + body
+        ),
+        st.one_of(st.sampled_from([b"200", b"429", b"503", b"301", b"500"]), st.binary(max_size=6)),
+        header_lines,
+        st.binary(max_size=100),
+    ),
+)
+
+
+@hypothesis.settings(max_examples=150, deadline=None)
+@hypothesis.given(raw_responses)
+async def test_anything_an_endpoint_answers_is_an_outcome(response: bytes) -> None:
+    """Arbitrary bytes, and responses with arbitrary status and header values, from a real
+    socket: the attempt always ends in a result, never in an exception that classify_error
+    would re-raise as Hookline's own failure."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(response)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    client = client_for(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook", timeout_s=2)
+    try:
+        result = await client.attempt("evt-fz", b"{}")
+    finally:
+        await client.close()
+        server.close()
+    assert result.status is not None or result.error is not None
+    assert result.retry_after_s is None or 0 <= result.retry_after_s <= MAX_DELAY_S

@@ -14,7 +14,17 @@ import yaml
 from hypothesis import strategies as st
 
 from producer.exceptions import ConfigError
-from tests.conftest import REPO, SECRET_A, SECRET_B
+from producer.settings import read_config_file
+from tests.conftest import (
+    REPO,
+    SECRET_A,
+    SECRET_B,
+    Receiver,
+    endpoint,
+    make_document,
+    run_python,
+    write_config,
+)
 from worker.settings import load_settings, settings_from_document
 
 
@@ -115,6 +125,35 @@ BAD_DOCUMENTS = [
     ({**minimal(), "endpoints": minimal()["endpoints"] * 2}, "used twice"),
     ("broker: [unclosed", "not valid YAML"),
     ("- a list", "top level must be a mapping"),
+    # Hosts are checked as yarl normalises them, which is what aiohttp dials.
+    (minimal(url="https://\u2460\u2461\u2466.0.0.1/hook"), "non-ASCII"),  # circled 127
+    (minimal(url="https://\uff11\uff12\uff17.\uff10.\uff10.\uff11/"), "non-ASCII"),  # fullwidth
+    (minimal(url="https://127\u30020\u30020\u30021/"), "non-ASCII"),  # ideographic full stop
+    (minimal(url="https://127\uff0e0\uff0e0\uff0e1/"), "non-ASCII"),  # fullwidth full stop
+    (minimal(url="https://\u2460\u2461\u2466.\u2460/"), "non-ASCII"),  # becomes 127.1
+    (minimal(url="https://\uff10x7f.1/"), "non-ASCII"),  # becomes 0x7f.1
+    (minimal(url="https://10\uff0e0\uff0e0\uff0e1:8443/"), "non-ASCII"),
+    (minimal(url="https://127.0.0.1./hook"), "legacy numeric form"),
+    (minimal(url="https://a_b.example.com/"), "endpoints[0].url: has a host with characters"),
+    (minimal(url="https://a b.example.com/"), "endpoints[0].url: has a host with characters"),
+    (minimal(url="https://a\x00b.example.com/"), "endpoints[0].url: has a host with characters"),
+    (minimal(url="https://a%2eb.example.com/"), "endpoints[0].url: has a host with characters"),
+    (minimal(url="https://exa..mple.com/"), "endpoints[0].url: has a host with characters"),
+    (minimal(url="https://[fe80::1%25eth0]/"), "endpoints[0].url: has an invalid IPv6"),
+    (minimal(url="https://@example.com/"), "endpoints[0].url: must not carry credentials"),
+    ({**minimal(), "retry": {"no_retry_statuses": [200]}}, "retry.no_retry_statuses"),
+    ({**minimal(), "retry": {"no_retry_statuses": [101]}}, "retry.no_retry_statuses"),
+    # A message is unacknowledged while it waits for a token and during its attempt, and
+    # RabbitMQ closes the channel after consumer_timeout (30 minutes by default).
+    (minimal(rate_limit_per_s=1 / 1500), "endpoints[0].rate_limit_per_s: must be at least"),
+    (minimal(rate_limit_per_s=1 / 1500), "consumer_timeout"),
+    (minimal(timeout_s=901), "endpoints[0].timeout_s: must be at most 900 seconds"),
+    ({**minimal(), "delivery": {"timeout_s": 3600}}, "delivery.timeout_s: must be at most"),
+    ({**minimal(), "delivery": {"connect_timeout_s": 1000}}, "delivery.connect_timeout_s"),
+    ({**minimal(), "delivery": {"connect_timeout_s": 1000}}, "consumer_timeout"),
+    (minimal(rate_limit_per_s=1 / 1200, timeout_s=900), "rate-limit token"),
+    (minimal(rate_limit_per_s=1 / 1200, timeout_s=900), "consumer_timeout"),
+    ("security: {}\nsecurity:\n  allow_private_networks: true\n", "duplicate key 'security'"),
 ]
 
 
@@ -255,3 +294,88 @@ def test_tls_proxy_and_ca_bundle_settings_are_checked(tmp_path: Path) -> None:
     document["delivery"] = {"proxy_url": "http://user:hunter2@egress.internal:3128"}
     settings = load_settings(write(tmp_path, document), environ={})
     assert "hunter2" not in repr(settings)
+
+
+def test_hosts_are_kept_in_the_form_that_is_dialled(tmp_path: Path) -> None:
+    """Hosts are validated and exposed as yarl normalises them (IDNA as punycode, lower
+    case, IPv6 without brackets): the form aiohttp connects to and the guard checks."""
+    cases = {
+        "https://B\u00fccher.Example/hook": "xn--bcher-kva.example",
+        "https://fa\u00df.example/": "xn--fa-hia.example",
+        "https://\uff4c\uff4f\uff43\uff41\uff4c\uff48\uff4f\uff53\uff54/": "localhost",
+        "https://[2606:4700:4700::1111]:8443/": "2606:4700:4700::1111",
+        "https://[::FFFF:127.0.0.1]/": "::ffff:7f00:1",
+        "HTTPS://API.Example.COM/x": "api.example.com",
+    }
+    for url, host in cases.items():
+        settings = load_settings(write(tmp_path, minimal(url=url)), environ={})
+        assert settings.endpoints[0].host == host
+        assert settings.endpoints[0].request_url.raw_host == host
+
+
+def test_limits_that_fit_the_consumer_timeout_load(tmp_path: Path) -> None:
+    """The largest accepted values: one token per 20 minutes with the default timeout, a
+    900 s timeout without a rate limit, statuses 300 and 599."""
+    document = minimal(rate_limit_per_s=1 / 1200)
+    document["retry"] = {"no_retry_statuses": [300, 410, 599]}
+    settings = load_settings(write(tmp_path, document), environ={})
+    assert settings.endpoints[0].rate_limit_per_s == 1 / 1200
+    document = minimal(timeout_s=900)
+    document["delivery"] = {"timeout_s": 900, "connect_timeout_s": 900}
+    assert load_settings(write(tmp_path, document), environ={}).endpoints[0].timeout_s == 900
+
+
+DUPLICATES = [
+    ("broker:\n  url: amqp://h/\n  url: amqp://other/\n", "'url' at line 3 (first at line 2)"),
+    ("a: 1\nendpoints:\n  - name: x\n    events: [a]\n    events: [b]\n", "'events' at line 5"),
+    ('{"security": {}, "security": {"allow_private_networks": true}}', "'security' at line 1"),
+    ("x: {k: 1, k: 2}\n", "duplicate key 'k'"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), DUPLICATES)
+def test_duplicate_yaml_keys_are_refused_at_any_depth(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    """A key written twice in one mapping (top level, nested, in a list item, JSON or flow
+    style) is a ConfigError naming the key and its line: PyYAML would keep the last value."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, environ={})
+    message = str(caught.value)
+    assert message.startswith(f"{path}: duplicate key ")
+    assert expected in message
+
+
+def test_merge_keys_may_still_be_overridden(tmp_path: Path) -> None:
+    """A key brought in by a YAML merge (<<) and set again is an override, not a duplicate."""
+    text = "base: &b {timeout_s: 5, max_in_flight: 2}\nendpoint:\n  <<: *b\n  timeout_s: 7\n"
+    loaded = read_config_file(write(tmp_path, text), environ={})
+    assert loaded["endpoint"] == {"timeout_s": 7, "max_in_flight": 2}
+
+
+async def test_idn_spelled_loopback_is_refused_before_send_test_or_run(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """With default security, endpoints whose hosts are loopback in non-ASCII spellings
+    (yarl turns them into 127.0.0.1) stop send-test and the worker at config load, with the
+    field named: the loopback receiver is never reached."""
+    port = receiver.base_url.rsplit(":", 1)[1]
+    hosts = (
+        "\u2460\u2461\u2466.0.0.1",  # circled digits
+        "\uff11\uff12\uff17.\uff10.\uff10.\uff11",  # fullwidth digits
+        "127\u30020\u30020\u30021",  # ideographic full stops
+        "127\uff0e0\uff0e0\uff0e1",  # fullwidth full stops
+    )
+    for host in hosts:
+        document = make_document(
+            "unused",
+            [endpoint("loop", f"http://{host}:{port}/hook", ["a.#"])],
+            security={"allow_private_networks": False},
+        )
+        config = write_config(tmp_path, document)
+        for command in (["send-test", "--endpoint", "loop"], ["run"]):
+            code, out, err = await run_python("-m", "worker", *command, "--config", str(config))
+            assert code == 2, (command, out, err)
+            assert "endpoints[0].url: writes an IP address with non-ASCII characters" in err
+    assert receiver.requests == []

@@ -8,15 +8,23 @@ import socket
 import ssl
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import aiohttp
 from aiohttp.abc import AbstractResolver
+from aiohttp.resolver import DefaultResolver
 
 from producer import __version__
 from worker.exceptions import BlockedDestination
-from worker.netguard import GuardedResolver, check_literal_host
+from worker.netguard import (
+    BLOCKED_MESSAGE,
+    GuardedResolver,
+    check_every_address,
+    check_literal_host,
+    guarded_socket_factory,
+)
 from worker.outcomes import AttemptResult, ErrorKind
-from worker.settings import EndpointSettings, Settings
+from worker.settings import MAX_DELAY_S, EndpointSettings, Settings
 from worker.signing import signature_header
 
 USER_AGENT = f"Hookline/{__version__}"
@@ -26,6 +34,12 @@ LOG_EXCERPT_CHARS = 1024
 # line, and the number of headers.
 MAX_RESPONSE_LINE_BYTES = 8190
 MAX_RESPONSE_HEADERS = 100
+# One detail for every failure to connect or keep a connection: naming the OS error would
+# tell whoever sets an endpoint URL whether a port refused, reset or was unreachable.
+CONNECTION_FAILED = "connection failed"
+# Retry-After longer than this many digits is past MAX_DELAY_S anyway (and int() refuses
+# strings of more than 4300 digits).
+MAX_RETRY_AFTER_DIGITS = 12
 
 
 class EndpointClient:
@@ -43,29 +57,43 @@ class EndpointClient:
         resolver: AbstractResolver | None = None,
     ) -> None:
         self.endpoint = endpoint
+        # Built once: the host checked below is the host of exactly this URL object.
+        self._url = endpoint.request_url
         security = settings.security
-        self._literal_block: str | None = None
+        guarded = not security.allow_private_networks
+        self._literal_block = False
         try:
             check_literal_host(
                 endpoint.host,
                 allow_private=security.allow_private_networks,
                 allowed_networks=security.allowed_networks,
             )
-        except BlockedDestination as exc:
-            self._literal_block = str(exc)
-        guard = (
-            None
-            if security.allow_private_networks
-            else GuardedResolver(allowed_networks=security.allowed_networks, inner=resolver)
-        )
+        except BlockedDestination:
+            self._literal_block = True
         proxy = settings.delivery.proxy_url
         # Through a proxy, the connector only ever reaches the (operator-chosen) proxy, so
-        # the guard checks the endpoint's name itself before each attempt instead.
-        self._precheck = guard if proxy is not None else None
+        # every address of the endpoint's name is checked before each attempt instead.
+        self._precheck: AbstractResolver | None = None
+        self._owned_resolver: AbstractResolver | None = None
+        if guarded and proxy is not None:
+            if resolver is None:
+                resolver = self._owned_resolver = DefaultResolver()
+            self._precheck = resolver
+        self._allowed_networks = security.allowed_networks
+        direct_guard = guarded and proxy is None
         connector = aiohttp.TCPConnector(
             limit=settings.max_in_flight_for(endpoint),
-            resolver=guard if proxy is None else resolver,
-            ssl=ssl.create_default_context(cafile=security.ca_bundle),
+            resolver=(
+                GuardedResolver(allowed_networks=security.allowed_networks, inner=resolver)
+                if direct_guard
+                else resolver
+            ),
+            # The address about to be dialled, checked again: IP literals never reach the
+            # resolver, so this is the check that cannot be bypassed by a host spelling.
+            socket_factory=(
+                guarded_socket_factory(security.allowed_networks) if direct_guard else None
+            ),
+            ssl=tls_context(security.ca_bundle),
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -75,6 +103,8 @@ class EndpointClient:
             ),
             headers={"user-agent": USER_AGENT, **endpoint.headers},
             auto_decompress=False,
+            # Cookies an endpoint sets are neither kept nor sent back with later deliveries.
+            cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=("Accept-Encoding",),
             proxy=proxy.get_secret_value() if proxy is not None else None,
             max_line_size=MAX_RESPONSE_LINE_BYTES,
@@ -85,11 +115,13 @@ class EndpointClient:
 
     async def close(self) -> None:
         await self._session.close()
+        if self._owned_resolver is not None:
+            await self._owned_resolver.close()
 
     async def attempt(self, event_id: str, body: bytes) -> AttemptResult:
         """POST ``body`` once, signed for this moment; never raises for delivery failures."""
-        if self._literal_block is not None:
-            return AttemptResult(error=ErrorKind.BLOCKED_DESTINATION, detail=self._literal_block)
+        if self._literal_block:
+            return AttemptResult(error=ErrorKind.BLOCKED_DESTINATION, detail=BLOCKED_MESSAGE)
         timestamp = int(time.time())
         headers = {
             "content-type": "application/json",
@@ -102,9 +134,11 @@ class EndpointClient:
         started = time.perf_counter()
         try:
             if self._precheck is not None:
-                await self._precheck.resolve(self.endpoint.host, 0, socket.AF_UNSPEC)
+                await check_every_address(
+                    self._precheck, self.endpoint.host, allowed_networks=self._allowed_networks
+                )
             async with self._session.post(
-                self.endpoint.url, data=body, headers=headers, allow_redirects=False
+                self._url, data=body, headers=headers, allow_redirects=False
             ) as response:
                 excerpt = await self._read_excerpt(response)
                 status = response.status
@@ -140,40 +174,61 @@ class EndpointClient:
         return b"".join(chunks).decode("utf-8", "replace")[:LOG_EXCERPT_CHARS]
 
 
+def tls_context(ca_bundle: Path | None) -> ssl.SSLContext:
+    """The system's trusted CAs, plus those of ``security.ca_bundle``: a private CA is
+    trusted in addition to the public ones, never instead of them."""
+    context = ssl.create_default_context()
+    if ca_bundle is not None:
+        context.load_verify_locations(cafile=ca_bundle)
+    return context
+
+
 def classify_error(exc: BaseException) -> tuple[ErrorKind, str]:
-    """The one translation of aiohttp's exceptions into Hookline's error classes."""
-    if isinstance(exc, BlockedDestination):
-        return ErrorKind.BLOCKED_DESTINATION, str(exc)
+    """The one translation of aiohttp's exceptions into Hookline's error classes.
+
+    Details are fixed strings: they end up in dead letters and logs that the endpoint's
+    owner may see, and must not describe the network beyond the endpoint.
+    """
+    if isinstance(exc, BlockedDestination) or (
+        isinstance(exc, aiohttp.ClientConnectorError)
+        and isinstance(exc.os_error, BlockedDestination)
+    ):
+        return ErrorKind.BLOCKED_DESTINATION, BLOCKED_MESSAGE
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return ErrorKind.TIMEOUT, "no response within the timeout"
     if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
         return ErrorKind.TLS_ERROR, exc.__class__.__name__
     if isinstance(exc, aiohttp.ClientConnectorDNSError | socket.gaierror):
         return ErrorKind.DNS_ERROR, "host name did not resolve"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return ErrorKind.CONNECTION_ERROR, f"cannot connect: {exc.os_error.__class__.__name__}"
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
-        return ErrorKind.CONNECTION_ERROR, exc.__class__.__name__
     if isinstance(exc, aiohttp.ClientResponseError):
         return ErrorKind.PROTOCOL_ERROR, exc.__class__.__name__
     if isinstance(exc, aiohttp.ClientError | OSError):
-        return ErrorKind.CONNECTION_ERROR, exc.__class__.__name__
+        return ErrorKind.CONNECTION_ERROR, CONNECTION_FAILED
     if isinstance(exc, ValueError):
         return ErrorKind.PROTOCOL_ERROR, exc.__class__.__name__
     raise exc
 
 
 def parse_retry_after(value: str | None) -> float | None:
-    """``Retry-After`` as seconds from now: delta-seconds or an HTTP date."""
+    """``Retry-After`` as seconds from now (delta-seconds or an HTTP date), at most
+    ``MAX_DELAY_S``; None for anything else. The endpoint writes this header, so no value
+    may raise."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if value.isascii() and value.isdigit():
+        digits = value.lstrip("0") or "0"
+        if len(digits) > MAX_RETRY_AFTER_DIGITS:
+            return float(MAX_DELAY_S)
+        return float(min(int(digits), MAX_DELAY_S))
     try:
-        moment = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+        parsed = email.utils.parsedate_tz(value)
+        if parsed is None:
+            return None
+        year, month, day, hour, minute, second = parsed[:6]
+        moment = datetime(year, month, day, hour, minute, second, tzinfo=UTC)
+        # The zone offset applied in seconds: as a datetime it could leave years 1-9999.
+        seconds = (moment - datetime.now(UTC)).total_seconds() - (parsed[9] or 0)
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return max(0.0, (moment - datetime.now(UTC)).total_seconds())
+    return min(max(0.0, seconds), float(MAX_DELAY_S))

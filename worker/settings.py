@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     Field,
     FilePath,
     PrivateAttr,
@@ -25,13 +26,19 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from yarl import URL
 
 from producer.settings import BrokerSettings, Model, format_validation_error, read_config_file
+from worker.netguard import is_numeric_host
 from worker.signing import SigningKey
 
 ENDPOINT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 PATTERN_WORD_RE = re.compile(r"^(\*|#|[A-Za-z0-9_-]+)$")
-NUMERIC_LABEL_RE = re.compile(r"0[xX][0-9a-fA-F]*|[0-9]+")
+# What a host name may be made of once yarl has normalised it (lower case, IDNA as
+# punycode): anything else (spaces, underscores, NUL, '%', ...) means that the resolver,
+# the proxy and the guard may each read a different host.
+HOST_NAME_RE = re.compile(r"(?:[a-z0-9-]{1,63}\.)*[a-z0-9-]{1,63}\.?")
+MAX_HOST_CHARS = 253
 HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # Headers Hookline owns; an endpoint may not override them.
 RESERVED_HEADERS = frozenset(
@@ -48,8 +55,27 @@ RESERVED_HEADERS = frozenset(
     }
 )
 MAX_DELAY_S = 30 * 24 * 3600  # RabbitMQ TTLs are 32-bit milliseconds; a month is plenty.
+# RabbitMQ closes a channel that holds a delivery unacknowledged for longer than its
+# consumer_timeout (30 minutes by default), and a message stays unacknowledged while it
+# waits for its rate-limit token and during its attempt. Each bound leaves room for the
+# other and for recording the outcome.
+MAX_ATTEMPT_S = 900.0
+MIN_RATE_LIMIT_PER_S = 1 / 1200
+MAX_UNACKED_S = 1500.0
+
+
+def _within_consumer_timeout(seconds: float) -> float:
+    if seconds > MAX_ATTEMPT_S:
+        raise ValueError(
+            f"must be at most {MAX_ATTEMPT_S:g} seconds: a message stays unacknowledged "
+            "during its attempt, and RabbitMQ closes the channel of a consumer that holds "
+            "one longer than its consumer_timeout (30 minutes by default)"
+        )
+    return seconds
+
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
+AttemptSeconds = Annotated[float, Field(gt=0), AfterValidator(_within_consumer_timeout)]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -67,8 +93,8 @@ class MetricsSettings(Model):
 
 
 class DeliverySettings(Model):
-    timeout_s: PositiveSeconds = 10.0
-    connect_timeout_s: PositiveSeconds = 5.0
+    timeout_s: AttemptSeconds = 10.0
+    connect_timeout_s: AttemptSeconds = 5.0
     max_body_bytes: int = Field(default=1_048_576, gt=0)
     max_in_flight: int = Field(default=32, ge=1, le=1000)
     max_response_bytes: int = Field(default=65_536, ge=0)
@@ -99,8 +125,9 @@ class RetrySettings(Model):
     @field_validator("no_retry_statuses")
     @classmethod
     def _check_statuses(cls, statuses: frozenset[int]) -> frozenset[int]:
-        if any(not 100 <= status <= 599 for status in statuses):
-            raise ValueError("statuses must be HTTP status codes (100-599)")
+        # 2xx is a delivery and 1xx never ends a request, so neither can be refused.
+        if any(not 300 <= status <= 599 for status in statuses):
+            raise ValueError("statuses must be HTTP status codes from 300 to 599")
         return statuses
 
     @property
@@ -152,7 +179,7 @@ class EndpointSettings(Model):
     events: tuple[str, ...] = Field(min_length=1)
     secret: SecretStr | tuple[SecretStr, ...] | None = None
     secret_env: str | tuple[str, ...] | None = None
-    timeout_s: PositiveSeconds | None = None
+    timeout_s: AttemptSeconds | None = None
     max_in_flight: int | None = Field(default=None, ge=1, le=1000)
     rate_limit_per_s: float | None = Field(default=None, gt=0, le=100_000)
     headers: dict[str, str] = Field(default_factory=dict)
@@ -169,20 +196,34 @@ class EndpointSettings(Model):
     @field_validator("url")
     @classmethod
     def _check_url(cls, url: str) -> str:
+        # The same parser and normalisation as the request: yarl, as aiohttp uses it.
         try:
-            parts = urlsplit(url)
-            port = parts.port
-        except ValueError:
+            written = URL(url, encoded=True)
+            parsed = URL(url)
+            port = parsed.explicit_port
+        except (ValueError, TypeError, UnicodeError):
             raise ValueError("is not a valid URL") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        if parsed.scheme not in ("http", "https") or not parsed.raw_host:
             raise ValueError("must be an http:// or https:// URL with a host")
-        if parts.username is not None or parts.password is not None:
+        if "@" in (written.raw_authority or ""):
             raise ValueError("must not carry credentials; use headers for authentication")
-        if port == 0 or parts.fragment:
+        if port == 0 or parsed.raw_fragment:
             raise ValueError("is not a valid URL")
-        if _is_legacy_numeric_ipv4(parts.hostname):
-            raise ValueError("writes an IPv4 address in a legacy numeric form; use a.b.c.d")
+        problem = _host_problem(written.raw_host or "", parsed.raw_host)
+        if problem is not None:
+            raise ValueError(problem)
         return url
+
+    @field_validator("rate_limit_per_s")
+    @classmethod
+    def _check_rate(cls, rate: float | None) -> float | None:
+        if rate is not None and rate < MIN_RATE_LIMIT_PER_S:
+            raise ValueError(
+                "must be at least 1/1200 (one event per 20 minutes): a message waits for its "
+                "turn unacknowledged, and RabbitMQ closes the channel of a consumer that holds "
+                "one longer than its consumer_timeout (30 minutes by default)"
+            )
+        return rate
 
     @field_validator("events")
     @classmethod
@@ -232,21 +273,52 @@ class EndpointSettings(Model):
         return self._signing_keys
 
     @property
+    def request_url(self) -> URL:
+        """The URL as aiohttp will request it: its host normalised (IDNA/UTS-46, lower
+        case), which is the host every check must look at."""
+        return URL(self.url)
+
+    @property
     def host(self) -> str:
-        return urlsplit(self.url).hostname or ""
+        """The host aiohttp dials: ASCII (punycode), an IPv6 literal without brackets."""
+        return self.request_url.raw_host or ""
 
 
-def _is_legacy_numeric_ipv4(host: str) -> bool:
-    """Decimal, octal, hex or short IPv4 forms (2130706433, 0177.0.0.1, 127.1): resolvers
-    read them as addresses, and they hide what an endpoint points at."""
-    labels = host.split(".")
-    if not all(NUMERIC_LABEL_RE.fullmatch(label) for label in labels):
-        return False
+def _host_problem(written: str, host: str) -> str | None:
+    """Why the normalised ``host`` (``written`` before normalisation) is refused, if it is."""
+    if ":" in host:
+        if not written.isascii():
+            return "writes an IP address with non-ASCII characters; write the ASCII address"
+        if "%" not in host:
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                pass
+            else:
+                return None
+        return "has an invalid IPv6 address (zone identifiers are not accepted)"
+    if len(host) > MAX_HOST_CHARS or not HOST_NAME_RE.fullmatch(host):
+        return (
+            "has a host with characters other than letters, digits, hyphens and dots "
+            "(or an empty or overlong label)"
+        )
+    # Legacy forms hide what an endpoint points at.
+    if is_numeric_host(host):
+        if not written.isascii():
+            # Circled, fullwidth or ideographic-dot spellings of 127.0.0.1 become the ASCII
+            # literal on the way to the socket; the config must say what is dialled.
+            return "writes an IP address with non-ASCII characters; write the ASCII address"
+        if host.endswith(".") or not _is_canonical_ipv4(host):
+            return "writes an IPv4 address in a legacy numeric form; use a.b.c.d"
+    return None
+
+
+def _is_canonical_ipv4(host: str) -> bool:
     try:
         ipaddress.IPv4Address(host)
     except ValueError:
-        return True
-    return False
+        return False
+    return True
 
 
 def _as_tuple(value: object) -> tuple[object, ...]:
@@ -273,10 +345,19 @@ class Settings(Model):
             if endpoint.name in seen:
                 raise ValueError(f"endpoint name {endpoint.name!r} is used twice")
             seen.add(endpoint.name)
-            if self.security.require_https and not endpoint.url.startswith("https://"):
+            if self.security.require_https and endpoint.request_url.scheme != "https":
                 raise ValueError(
                     f"endpoint {endpoint.name!r}: http:// URLs are refused while "
                     "security.require_https is true"
+                )
+            rate = endpoint.rate_limit_per_s
+            if rate is not None and 1 / rate + self.timeout_for(endpoint) > MAX_UNACKED_S:
+                raise ValueError(
+                    f"endpoint {endpoint.name!r}: the wait for a rate-limit token "
+                    f"(1 / rate_limit_per_s) plus timeout_s must not exceed {MAX_UNACKED_S:g} "
+                    "seconds: the message is unacknowledged all that time, and RabbitMQ "
+                    "closes the channel of a consumer that holds one longer than its "
+                    "consumer_timeout (30 minutes by default)"
                 )
         return self
 
