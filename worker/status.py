@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from producer import __version__
 from worker.depths import QueueDepths
@@ -30,10 +29,10 @@ def build_status(
     for consumer in consumers:
         endpoint = consumer.endpoint
         rates = consumer.recent.rates()
-        parts = urlsplit(endpoint.url)
         endpoints.append({
             "name": endpoint.name,
-            "destination": f"{parts.scheme}://{parts.netloc}",
+            # The host as it is dialled (normalised), scheme and port: never path or query.
+            "destination": str(endpoint.request_url.origin()),
             "circuit": consumer.circuit_state.label,
             "in_flight": consumer.in_flight,
             "delivered_per_s": round(rates.delivered_per_s, 3),
