@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench lint format clean
+.PHONY: venv demo test test-lowest bench lint format clean
 
 venv: $(STAMP)
 
@@ -19,6 +19,19 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The unit tests against the lowest dependency versions pyproject.toml allows, so that its
+# floors stay true (CI runs this). uv resolves each direct dependency to its floor.
+LOWEST := .venv-lowest
+UNIT_TESTS := tests/test_settings.py tests/test_envelope.py tests/test_headers.py \
+	tests/test_netguard.py tests/test_delivery.py tests/test_retry.py tests/test_signing.py \
+	tests/test_logs.py tests/test_metrics.py tests/test_circuit.py tests/test_consumer.py \
+	tests/test_publisher.py tests/test_recorder.py tests/test_ratelimit.py tests/test_dlq.py
+test-lowest: venv
+	$(BIN)/python -m pip install --quiet uv
+	test -x $(LOWEST)/bin/python || $(BIN)/uv venv --quiet --python $(PYTHON) $(LOWEST)
+	$(BIN)/uv pip install --quiet --python $(LOWEST)/bin/python --resolution lowest-direct -e '.[test]'
+	$(LOWEST)/bin/python -m pytest -m "not broker_faults and not slow" $(UNIT_TESTS)
 
 # Loopback-only benchmarks against the naive loop (about 25 minutes; BENCH_ARGS=--quick for 5).
 bench: venv
@@ -36,4 +49,4 @@ format: venv
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(LOWEST) .mypy_cache .pytest_cache .ruff_cache *.egg-info

@@ -47,9 +47,12 @@ async def start(
     label: str, *args: str
 ) -> tuple[asyncio.subprocess.Process, list[asyncio.Task[None]]]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, *args, cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable,
+        *args,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     assert process.stdout is not None
     assert process.stderr is not None
     return process, [
@@ -117,9 +120,16 @@ async def main() -> None:
         print(format_table(await dlq.list_dead_letters(settings)), flush=True)
         say("python -m worker send-test --endpoint orders (a signed ping, straight to it)")
         ping = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "worker", "send-test", "--config", str(CONFIG),
-            "--endpoint", "orders", cwd=ROOT,
-        )  # fmt: skip
+            sys.executable,
+            "-m",
+            "worker",
+            "send-test",
+            "--config",
+            str(CONFIG),
+            "--endpoint",
+            "orders",
+            cwd=ROOT,
+        )
         await ping.wait()
         say(f"delivery counters from http://127.0.0.1:{settings.metrics.port}/metrics")
         async with aiohttp.ClientSession() as session:

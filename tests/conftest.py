@@ -325,9 +325,16 @@ class WorkerProcess:
 
     async def __aenter__(self) -> WorkerProcess:
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "worker", "run", "--config", str(self.config), cwd=REPO,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+            sys.executable,
+            "-m",
+            "worker",
+            "run",
+            "--config",
+            str(self.config),
+            cwd=REPO,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
         self._reader = asyncio.create_task(self._read_log())
         return self
 
@@ -416,9 +423,12 @@ def write_config(directory: Path, document: dict[str, Any]) -> Path:
 async def run_python(*args: str, timeout_s: float = 60) -> tuple[int, str, str]:
     """Run ``python *args`` in the repository; returns exit code, stdout and stderr."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, *args, cwd=REPO,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable,
+        *args,
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=timeout_s)
     assert process.returncode is not None
     return process.returncode, stdout.decode(), stderr.decode()

@@ -21,9 +21,12 @@ START_NODE = (
 
 async def rabbitmqctl(*args: str, timeout_s: float = 120) -> str:
     process = await asyncio.create_subprocess_exec(
-        "rabbitmqctl", "-q", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        "rabbitmqctl",
+        "-q",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=timeout_s)
     if process.returncode != 0:
         raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {stderr.decode().strip()}")

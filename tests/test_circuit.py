@@ -134,10 +134,13 @@ async def test_failed_probes_reopen_with_growing_cooldown(
         exchange_name,
         [endpoint("down", receiver.url("/down"), ["down.#"], max_in_flight=1)],
         circuit_breaker={
-            "enabled": True, "failure_threshold": 2, "cooldown_s": 0.4, "max_cooldown_s": 1.6
+            "enabled": True,
+            "failure_threshold": 2,
+            "cooldown_s": 0.4,
+            "max_cooldown_s": 1.6,
         },
         retry={"delays_s": [60]},
-    )  # fmt: skip
+    )
     receiver.script("/down", 500)
     with capture_logs() as logs:
         await run_worker(settings)
@@ -158,12 +161,20 @@ async def test_failed_probes_reopen_with_growing_cooldown(
 def test_only_unavailability_counts_against_the_circuit() -> None:
     """5xx, 408, 429 and network errors count; a 4xx refusal, a refused destination or
     Hookline's own failure does not."""
-    unavailable = [AttemptResult(status=503), AttemptResult(status=429),
-                   AttemptResult(status=408), AttemptResult(error=ErrorKind.TIMEOUT),
-                   AttemptResult(error=ErrorKind.CONNECTION_ERROR),
-                   AttemptResult(error=ErrorKind.TLS_ERROR)]  # fmt: skip
-    available = [AttemptResult(status=200), AttemptResult(status=400), AttemptResult(status=410),
-                 AttemptResult(error=ErrorKind.HANDLER_ERROR),
-                 AttemptResult(error=ErrorKind.BLOCKED_DESTINATION)]  # fmt: skip
+    unavailable = [
+        AttemptResult(status=503),
+        AttemptResult(status=429),
+        AttemptResult(status=408),
+        AttemptResult(error=ErrorKind.TIMEOUT),
+        AttemptResult(error=ErrorKind.CONNECTION_ERROR),
+        AttemptResult(error=ErrorKind.TLS_ERROR),
+    ]
+    available = [
+        AttemptResult(status=200),
+        AttemptResult(status=400),
+        AttemptResult(status=410),
+        AttemptResult(error=ErrorKind.HANDLER_ERROR),
+        AttemptResult(error=ErrorKind.BLOCKED_DESTINATION),
+    ]
     assert all(result.endpoint_unavailable for result in unavailable)
     assert not any(result.endpoint_unavailable for result in available)

@@ -191,10 +191,12 @@ async def test_secrets_never_appear_in_any_output(
     fragments = [secret, secret.removeprefix("whsec_"), "hookline-secret-canary"]
     document = make_document(
         exchange_name,
-        [endpoint("ok", receiver.url("/ok"), ["canary.*"], secret=secret),
-         endpoint("bad", receiver.url("/bad"), ["canary.*"], secret=secret)],
+        [
+            endpoint("ok", receiver.url("/ok"), ["canary.*"], secret=secret),
+            endpoint("bad", receiver.url("/bad"), ["canary.*"], secret=secret),
+        ],
         retry={"delays_s": [0.1]},
-    )  # fmt: skip
+    )
     receiver.script("/bad", 500)
     config = write_config(tmp_path, document)
     try:
@@ -222,8 +224,9 @@ async def test_secrets_never_appear_in_any_output(
     finally:
         await broker.delete_all(settings_from_document(document, config, {}))
     document["endpoints"][0]["secret"] = secret[:20]  # too short: rejected at load
-    code, out, err = await run_python("-m", "worker", "check-config", "--config",
-                               str(write_config(tmp_path, document)))  # fmt: skip
+    code, out, err = await run_python(
+        "-m", "worker", "check-config", "--config", str(write_config(tmp_path, document))
+    )
     outputs += [out, err]
     assert code == 2
     everything = "\n".join(outputs)

@@ -269,9 +269,12 @@ async def test_private_ca_bundle_is_trusted(
         settings = make_settings(
             "unused",
             [endpoint("tls", url, ["#"])],
-            security={"require_https": True, "allow_private_networks": True,
-                      "ca_bundle": str(bundle)},
-        )  # fmt: skip
+            security={
+                "require_https": True,
+                "allow_private_networks": True,
+                "ca_bundle": str(bundle),
+            },
+        )
         result = await attempt_once(settings, "evt-5")
     assert result.status == 200
 

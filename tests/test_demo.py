@@ -17,9 +17,12 @@ async def test_demo_delivers_dead_letters_and_stops_cleanly(broker: Broker) -> N
     an operational event, the ping answers, and the worker exits 0."""
     settings = load_settings(REPO / "config.yaml")
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "examples/demo.py", cwd=REPO,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
+        sys.executable,
+        "examples/demo.py",
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
     try:
         out, _ = await asyncio.wait_for(process.communicate(), timeout=120)
     finally:

@@ -107,8 +107,11 @@ def test_compose_services_ports_mounts_and_worker_config() -> None:
     prometheus = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     jobs = {job["job_name"]: job for job in prometheus["scrape_configs"]}
     assert jobs["hookline"]["dns_sd_configs"][0] == {
-        "names": ["worker"], "type": "A", "port": settings.metrics.port, "refresh_interval": "15s"
-    }  # fmt: skip
+        "names": ["worker"],
+        "type": "A",
+        "port": settings.metrics.port,
+        "refresh_interval": "15s",
+    }
     assert jobs["rabbitmq"]["static_configs"][0]["targets"] == ["rabbitmq:15692"]
     assert prometheus["rule_files"] == ["/etc/prometheus/alerts.yml"]
     datasource = yaml.safe_load(
@@ -131,8 +134,16 @@ def test_kubernetes_manifests_validate_against_schemas(version: str) -> None:
         else:
             kubernetes_validate.validate(document, version, strict=True)
         checked.add(document["kind"])
-    assert checked == {"ConfigMap", "Secret", "Deployment", "Service", "ServiceMonitor",
-                       "PodDisruptionBudget", "ScaledObject", "TriggerAuthentication"}  # fmt: skip
+    assert checked == {
+        "ConfigMap",
+        "Secret",
+        "Deployment",
+        "Service",
+        "ServiceMonitor",
+        "PodDisruptionBudget",
+        "ScaledObject",
+        "TriggerAuthentication",
+    }
 
 
 def test_kubernetes_objects_fit_together() -> None:
@@ -145,8 +156,10 @@ def test_kubernetes_objects_fit_together() -> None:
     [container] = pod["spec"]["containers"]
     assert pod["spec"]["terminationGracePeriodSeconds"] > settings.worker.shutdown_timeout_s
     assert container["ports"][0] == {
-        "name": "metrics", "containerPort": settings.metrics.port, "protocol": "TCP"
-    }  # fmt: skip
+        "name": "metrics",
+        "containerPort": settings.metrics.port,
+        "protocol": "TCP",
+    }
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert container["resources"]["requests"] == {"cpu": "250m", "memory": "128Mi"}
@@ -181,14 +194,19 @@ def promtool() -> str:
     return found
 
 
-@pytest.mark.parametrize("command", [["check", "rules", "alerts.yml"],
-                                     ["test", "rules", "alerts_test.yml"]])  # fmt: skip
+@pytest.mark.parametrize(
+    "command", [["check", "rules", "alerts.yml"], ["test", "rules", "alerts_test.yml"]]
+)
 def test_alert_rules_pass_promtool(command: list[str]) -> None:
     """promtool accepts the rules, and every alert's unit tests pass."""
     result = subprocess.run(
-        [promtool(), *command], cwd=DEPLOY / "prometheus",
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        [promtool(), *command],
+        cwd=DEPLOY / "prometheus",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -214,8 +232,11 @@ def test_every_alert_is_unit_tested_and_has_a_runbook() -> None:
 def dashboard_queries() -> list[str]:
     dashboard = json.loads((DEPLOY / "grafana" / "hookline.json").read_text())
     queries = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
-    queries += [variable["definition"] for variable in dashboard["templating"]["list"]
-                if variable["type"] == "query"]  # fmt: skip
+    queries += [
+        variable["definition"]
+        for variable in dashboard["templating"]["list"]
+        if variable["type"] == "query"
+    ]
     return queries
 
 
@@ -228,10 +249,12 @@ async def test_every_metric_queried_is_exported_by_a_running_worker(
     receiver.script("/gone", 410)
     settings = make_settings(
         exchange_name,
-        [endpoint("ok", receiver.url("/ok"), ["e.#"], rate_limit_per_s=1000),
-         endpoint("gone", receiver.url("/gone"), ["e.#"])],
+        [
+            endpoint("ok", receiver.url("/ok"), ["e.#"], rate_limit_per_s=1000),
+            endpoint("gone", receiver.url("/gone"), ["e.#"]),
+        ],
         metrics={"queue_poll_s": 0.2},
-    )  # fmt: skip
+    )
     worker = await run_worker(settings)
     await publish_events(exchange_name, 3, "e.event", "scrape")
     await receiver.wait_for(lambda: len(receiver.on("/gone")) == 3)
@@ -240,10 +263,16 @@ async def test_every_metric_queried_is_exported_by_a_running_worker(
         session.get(f"http://127.0.0.1:{worker.health.port}/metrics") as response,
     ):
         exported_text = await response.text()
-    exported = {line.split("{")[0].split(" ")[0] for line in exported_text.splitlines()
-                if line and not line.startswith("#")}  # fmt: skip
-    queried = {name for query in [rule["expr"] for rule in alert_rules()] + dashboard_queries()
-               for name in METRIC_RE.findall(query)}  # fmt: skip
+    exported = {
+        line.split("{")[0].split(" ")[0]
+        for line in exported_text.splitlines()
+        if line and not line.startswith("#")
+    }
+    queried = {
+        name
+        for query in [rule["expr"] for rule in alert_rules()] + dashboard_queries()
+        for name in METRIC_RE.findall(query)
+    }
     assert len(queried) >= 12
     missing = sorted(queried - exported)
     assert missing == [], f"queried but not exported: {missing}"
@@ -259,20 +288,34 @@ def test_dashboard_panels_are_laid_out_and_their_queries_parse(tmp_path: Path) -
     cells = set()
     for panel in panels:
         grid = panel["gridPos"]
-        area = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"])
-                for y in range(grid["y"], grid["y"] + grid["h"])}  # fmt: skip
+        area = {
+            (x, y)
+            for x in range(grid["x"], grid["x"] + grid["w"])
+            for y in range(grid["y"], grid["y"] + grid["h"])
+        }
         assert grid["x"] + grid["w"] <= 24 and not area & cells, panel["title"]
         cells |= area
         assert panel["datasource"]["uid"] == "${datasource}"
     queries = [target["expr"] for panel in panels for target in panel["targets"]]
     substituted = [q.replace("$__rate_interval", "1m").replace("$endpoint", ".*") for q in queries]
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:query_{n}", "expr": query} for n, query in enumerate(substituted)
-    ]}]}  # fmt: skip
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard:query_{n}", "expr": query}
+                    for n, query in enumerate(substituted)
+                ],
+            }
+        ]
+    }
     path = tmp_path / "dashboard_rules.yml"
     path.write_text(yaml.safe_dump(rules))
     result = subprocess.run(
-        [promtool(), "check", "rules", str(path)], capture_output=True, text=True, timeout=60,
+        [promtool(), "check", "rules", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
         check=False,
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stdout + result.stderr

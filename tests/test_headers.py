@@ -47,8 +47,13 @@ def test_counters_are_read_totally(value: Any, expected: int) -> None:
 
 def test_copies_drop_broker_and_state_headers() -> None:
     """x- headers (x-death above all) and hookline- state never travel into a copy."""
-    original = {"x-death": [{}], "X-First-Death-Queue": "q", "hookline-attempts": 2,
-                "Hookline-Reason": "r", "trace-id": "abc"}  # fmt: skip
+    original = {
+        "x-death": [{}],
+        "X-First-Death-Queue": "q",
+        "hookline-attempts": 2,
+        "Hookline-Reason": "r",
+        "trace-id": "abc",
+    }
     assert headers.carried(original) == ({"trace-id": "abc"}, [])
 
 
@@ -76,9 +81,13 @@ def test_values_that_would_change_are_left_out_and_named() -> None:
     again = headers.retry_headers(retry, attempts=3, handler_errors=0)
     assert again[headers.DROPPED_HEADERS] == "wide,precise,nan,millis,nested"
     letter = headers.dead_letter_headers(
-        again, endpoint="e", reason="attempts_exhausted", attempts=3, last_status="500",
+        again,
+        endpoint="e",
+        reason="attempts_exhausted",
+        attempts=3,
+        last_status="500",
         detail="server error",
-    )  # fmt: skip
+    )
     assert letter[headers.DETAIL].startswith("server error [headers left out")
     assert "wide,precise" in letter[headers.DETAIL]
 

@@ -54,8 +54,11 @@ async def test_failing_recovered_and_dead_lettered_reach_the_ops_endpoint(
     failing = events_of(receiver, "/ops", "hookline.endpoint.failing")
     assert len(failing) == 1
     assert failing[0]["data"] == {
-        "endpoint": "shop", "consecutive_failures": 2, "last_status": "503", "retry_in_s": 0.5
-    }  # fmt: skip
+        "endpoint": "shop",
+        "consecutive_failures": 2,
+        "last_status": "503",
+        "retry_in_s": 0.5,
+    }
     recovered = events_of(receiver, "/ops", "hookline.endpoint.recovered")[0]
     assert recovered["data"]["endpoint"] == "shop"  # type: ignore[index]
     assert recovered["data"]["outage_s"] >= 0.5  # type: ignore[index,operator]
@@ -67,9 +70,13 @@ async def test_failing_recovered_and_dead_lettered_reach_the_ops_endpoint(
     )
     dead = events_of(receiver, "/ops", "hookline.event.dead_lettered")[0]["data"]
     assert dead == {
-        "endpoint": "shop", "event_id": gone, "event_type": "order.cancelled",
-        "reason": "no_retry_status", "attempts": 1, "last_status": "410",
-    }  # fmt: skip
+        "endpoint": "shop",
+        "event_id": gone,
+        "event_type": "order.cancelled",
+        "reason": "no_retry_status",
+        "attempts": 1,
+        "last_status": "410",
+    }
 
 
 async def test_a_failing_ops_endpoint_does_not_loop(

@@ -37,20 +37,29 @@ from worker.topology import dead_letter_queue, endpoint_queue, inspect_queue
 
 def test_plan_names_added_removed_and_changed_endpoints() -> None:
     """Added and removed by name; a rotated secret or new patterns make a change."""
-    running = make_settings("x", [
-        endpoint("a", "http://127.0.0.1:1/a", ["a.#"]),
-        endpoint("b", "http://127.0.0.1:1/b", ["b.#"]),
-        endpoint("c", "http://127.0.0.1:1/c", ["c.#"]),
-    ])  # fmt: skip
-    loaded = make_settings("x", [
-        {**endpoint("a", "http://127.0.0.1:1/a", ["a.#"]), "secret": SECRET_B},
-        endpoint("b", "http://127.0.0.1:1/b", ["b.#", "more.#"]),
-        endpoint("d", "http://127.0.0.1:1/d", ["d.#"]),
-    ])  # fmt: skip
+    running = make_settings(
+        "x",
+        [
+            endpoint("a", "http://127.0.0.1:1/a", ["a.#"]),
+            endpoint("b", "http://127.0.0.1:1/b", ["b.#"]),
+            endpoint("c", "http://127.0.0.1:1/c", ["c.#"]),
+        ],
+    )
+    loaded = make_settings(
+        "x",
+        [
+            {**endpoint("a", "http://127.0.0.1:1/a", ["a.#"]), "secret": SECRET_B},
+            endpoint("b", "http://127.0.0.1:1/b", ["b.#", "more.#"]),
+            endpoint("d", "http://127.0.0.1:1/d", ["d.#"]),
+        ],
+    )
     plan = plan_reload(running, loaded)
     assert (plan.added, plan.removed, plan.changed, plan.unchanged) == (
-        ("d",), ("c",), ("a", "b"), ()
-    )  # fmt: skip
+        ("d",),
+        ("c",),
+        ("a", "b"),
+        (),
+    )
     assert plan.needs_restart == ()
 
 
@@ -158,8 +167,10 @@ async def test_sighup_adds_changes_and_removes_endpoints_mid_load_losing_nothing
         left_in_c = await broker.depth(endpoint_queue(exchange_name, "c"))
         assert left_in_c > 0, "c should have had a backlog when it was removed"
         code, out = await run_cli("dlq", "retire", "--config", str(config), "--endpoint", "c")
-        assert (code, out.strip()) == (0, f"{left_in_c} moved to the dead-letter queue "
-                                       "(reason endpoint_removed)")  # fmt: skip
+        assert (code, out.strip()) == (
+            0,
+            f"{left_in_c} moved to the dead-letter queue (reason endpoint_removed)",
+        )
         retired = {
             m.message_id: m.headers for m in await broker.drain(dead_letter_queue(exchange_name))
         }
@@ -182,9 +193,11 @@ async def test_an_endpoint_that_cannot_start_on_reload_is_retried_not_fatal(
     late = endpoint("late", receiver.url("/late"), ["late.#"])
     new = make_document(exchange_name, [endpoint("a", receiver.url("/a"), ["a.#"]), late])
     documents = iter([new])
-    worker = Worker(settings_from_document(old, Path("x.yaml"), {}), Metrics(),
-                    load_settings=lambda: settings_from_document(next(documents),
-                                                                 Path("x.yaml"), {}))  # fmt: skip
+    worker = Worker(
+        settings_from_document(old, Path("x.yaml"), {}),
+        Metrics(),
+        load_settings=lambda: settings_from_document(next(documents), Path("x.yaml"), {}),
+    )
     channel = await broker.channel()
     conflicting = endpoint_queue(exchange_name, "late")
     await channel.declare_queue(conflicting, durable=True)  # classic, not quorum

@@ -22,10 +22,16 @@ async def test_send_test_posts_a_signed_ping_to_that_endpoint_only(
 ) -> None:
     """The named endpoint gets one verifiable hookline.test event; the others get nothing;
     the command prints the status and the time it took."""
-    config = write_config(tmp_path, make_document("unused", [
-        endpoint("one", receiver.url("/one"), ["a.#"]),
-        endpoint("two", receiver.url("/two"), ["a.#"]),
-    ]))  # fmt: skip
+    config = write_config(
+        tmp_path,
+        make_document(
+            "unused",
+            [
+                endpoint("one", receiver.url("/one"), ["a.#"]),
+                endpoint("two", receiver.url("/two"), ["a.#"]),
+            ],
+        ),
+    )
     code, out = await send_test(config, "one")
     assert code == 0, out
     [request] = receiver.requests
@@ -41,9 +47,15 @@ async def test_send_test_fails_with_the_answer_of_a_failing_endpoint(
 ) -> None:
     """A non-2xx answer exits 1 and shows the response excerpt; an unknown name exits 2."""
     receiver.script("/bad", 401)
-    config = write_config(tmp_path, make_document("unused", [
-        endpoint("bad", receiver.url("/bad"), ["a.#"]),
-    ]))  # fmt: skip
+    config = write_config(
+        tmp_path,
+        make_document(
+            "unused",
+            [
+                endpoint("bad", receiver.url("/bad"), ["a.#"]),
+            ],
+        ),
+    )
     code, out = await send_test(config, "bad")
     assert code == 1
     assert "HTTP 401" in out and "answer from the test receiver" in out
@@ -53,9 +65,15 @@ async def test_send_test_fails_with_the_answer_of_a_failing_endpoint(
 
 async def test_send_test_reports_an_unreachable_endpoint(tmp_path: Path) -> None:
     """A refused connection is named, not a traceback."""
-    config = write_config(tmp_path, make_document("unused", [
-        endpoint("off", "http://127.0.0.1:9/hook", ["a.#"]),
-    ]))  # fmt: skip
+    config = write_config(
+        tmp_path,
+        make_document(
+            "unused",
+            [
+                endpoint("off", "http://127.0.0.1:9/hook", ["a.#"]),
+            ],
+        ),
+    )
     code, out = await send_test(config, "off")
     assert code == 1
     assert out.startswith("off: connection_error after") and "Traceback" not in out

@@ -204,9 +204,15 @@ async def test_worker_killed_mid_load_loses_nothing(
     await eventually(lambda: queues_empty(broker, settings), timeout_s=10)
     delivered = receiver.delivered_ids("/ep")
     dead = await broker.depth(dead_letter_queue(exchange_name))
-    report("worker SIGKILL", published=len(ids), delivered_before_kill=at_kill,
-           delivered=len(set(delivered)), duplicated=duplicates(delivered),
-           dead_lettered=dead, lost=len(set(ids) - set(delivered)))  # fmt: skip
+    report(
+        "worker SIGKILL",
+        published=len(ids),
+        delivered_before_kill=at_kill,
+        delivered=len(set(delivered)),
+        duplicated=duplicates(delivered),
+        dead_lettered=dead,
+        lost=len(set(ids) - set(delivered)),
+    )
     assert dead == 0
     # Only deliveries in flight at the kill (at most max_in_flight) can be repeated.
     assert duplicates(delivered) <= max_in_flight
@@ -282,9 +288,14 @@ async def test_broker_restart_while_consuming_and_publishing(
         await eventually(worker_ready(worker), timeout_s=30)
         await asyncio.sleep(0.2)
     delivered = receiver.delivered_ids("/ep")
-    report(f"broker {restart}", published=len(ids), delivered=len(set(delivered)),
-           duplicated=duplicates(delivered), lost=len(set(ids) - set(delivered)),
-           readyz=readiness.states)  # fmt: skip
+    report(
+        f"broker {restart}",
+        published=len(ids),
+        delivered=len(set(delivered)),
+        duplicated=duplicates(delivered),
+        lost=len(set(ids) - set(delivered)),
+        readyz=readiness.states,
+    )
     assert 503 in readiness.states
     assert readiness.states[0] == readiness.states[-1] == 200
 
@@ -331,10 +342,15 @@ async def test_connection_lost_without_clean_close(
         after = await publish_events(exchange_name, 100, "conn.tick", f"{fault}-after")
         await receiver.wait_for(lambda: set(receiver.delivered_ids("/ep")) >= set(after))
     delivered = receiver.delivered_ids("/ep")
-    report(f"connection {fault}", published=len(before) + len(after),
-           delivered=len(set(delivered)), duplicated=duplicates(delivered),
-           lost=len(set(before + after) - set(delivered)),
-           recovered_s=round(recovered_s, 1), readyz=readiness.states)  # fmt: skip
+    report(
+        f"connection {fault}",
+        published=len(before) + len(after),
+        delivered=len(set(delivered)),
+        duplicated=duplicates(delivered),
+        lost=len(set(before + after) - set(delivered)),
+        recovered_s=round(recovered_s, 1),
+        readyz=readiness.states,
+    )
     # The reconnect follows the loss within milliseconds, often between two /readyz polls,
     # so the worker's own count of reconnects is what proves it noticed and recovered.
     assert worker.metrics.broker_reconnects._value.get() >= 1
@@ -375,9 +391,15 @@ async def test_sigterm_under_load_then_restart_has_no_duplicates(
     finally:
         await broker.delete_all(settings)
     delivered = receiver.delivered_ids("/ep")
-    report("SIGTERM under load", published=len(ids), delivered_by_first=at_stop,
-           left_queued=left, delivered=len(set(delivered)), duplicated=duplicates(delivered),
-           lost=len(set(ids) - set(delivered)))  # fmt: skip
+    report(
+        "SIGTERM under load",
+        published=len(ids),
+        delivered_by_first=at_stop,
+        left_queued=left,
+        delivered=len(set(delivered)),
+        duplicated=duplicates(delivered),
+        lost=len(set(ids) - set(delivered)),
+    )
     assert duplicates(delivered) == 0
 
 
@@ -434,13 +456,20 @@ async def test_long_outage_at_scale_keeps_memory_flat_and_others_flowing(
     finally:
         await broker.delete_all(settings)
     dead_letter_ids = [json.loads(m.body)["id"] for m in letters]
-    report("long outage at scale", published=dead_count + fast_count,
-           dead_lettered=len(dead_letter_ids), duplicated_in_dlq=duplicates(dead_letter_ids),
-           fast_delivered=len(set(receiver.delivered_ids("/fast"))),
-           fast_rate_per_s=round(fast_count / fast_s), rss_start_mb=round(rss_start, 1),
-           rss_peak_mb=round(rss_peak, 1), rss_end_mb=round(rss_end, 1),
-           queue_depth_peak=depth_peak, lost=len(set(dead_ids) - set(dead_letter_ids))
-           + len(set(fast_ids) - set(receiver.delivered_ids("/fast"))))  # fmt: skip
+    report(
+        "long outage at scale",
+        published=dead_count + fast_count,
+        dead_lettered=len(dead_letter_ids),
+        duplicated_in_dlq=duplicates(dead_letter_ids),
+        fast_delivered=len(set(receiver.delivered_ids("/fast"))),
+        fast_rate_per_s=round(fast_count / fast_s),
+        rss_start_mb=round(rss_start, 1),
+        rss_peak_mb=round(rss_peak, 1),
+        rss_end_mb=round(rss_end, 1),
+        queue_depth_peak=depth_peak,
+        lost=len(set(dead_ids) - set(dead_letter_ids))
+        + len(set(fast_ids) - set(receiver.delivered_ids("/fast"))),
+    )
     assert sorted(dead_letter_ids) == sorted(dead_ids)
     assert depth_peak <= dead_count + fast_count
     assert rss_end <= rss_start * 1.5 + 20, (rss_start, rss_end)
@@ -472,11 +501,17 @@ async def test_amqps_with_verified_broker_and_client_certificate(
     tls_front = TcpProxy()
     await tls_front.start(ssl_context=front)
     try:
-        tls = {"ca_file": str(tls_files["ca"]), "cert_file": str(tls_files["client"]),
-               "key_file": str(tls_files["client_key"])}  # fmt: skip
+        tls = {
+            "ca_file": str(tls_files["ca"]),
+            "cert_file": str(tls_files["client"]),
+            "key_file": str(tls_files["client_key"]),
+        }
         url = f"amqps://guest:guest@localhost:{tls_front.port}/"
-        settings = make_settings(exchange_name, [endpoint("ep", receiver.url("/ep"), ["tls.*"])],
-                                 broker={"url": url, "tls": tls})  # fmt: skip
+        settings = make_settings(
+            exchange_name,
+            [endpoint("ep", receiver.url("/ep"), ["tls.*"])],
+            broker={"url": url, "tls": tls},
+        )
         await run_worker(settings)
         async with Publisher.from_settings(settings.broker) as publisher:
             event_id = await publisher.publish("tls.ok", {})
@@ -485,8 +520,11 @@ async def test_amqps_with_verified_broker_and_client_certificate(
 
         for missing in (("ca_file",), ("cert_file", "key_file")):
             partial = {k: v for k, v in tls.items() if k not in missing}
-            refused = make_settings(exchange_name, [endpoint("ep", receiver.url("/ep"), ["#"])],
-                                    broker={"url": url, "tls": partial})  # fmt: skip
+            refused = make_settings(
+                exchange_name,
+                [endpoint("ep", receiver.url("/ep"), ["#"])],
+                broker={"url": url, "tls": partial},
+            )
             worker = Worker(refused, Metrics())
             task = asyncio.create_task(worker.run())
             await asyncio.sleep(1.5)

@@ -240,14 +240,24 @@ fuzzed_sections = st.fixed_dictionaries(
     | {
         "endpoints": st.lists(
             st.dictionaries(
-                st.sampled_from(["name", "url", "events", "secret", "secret_env", "timeout_s",
-                                 "max_in_flight", "headers"]),
+                st.sampled_from(
+                    [
+                        "name",
+                        "url",
+                        "events",
+                        "secret",
+                        "secret_env",
+                        "timeout_s",
+                        "max_in_flight",
+                        "headers",
+                    ]
+                ),
                 yaml_values,
             ),
             max_size=3,
         )
     },
-)  # fmt: skip
+)
 
 
 @hypothesis.settings(max_examples=400, deadline=None)

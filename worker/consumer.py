@@ -181,8 +181,9 @@ class EndpointConsumer:
                 await self._subscribe(prefetch)
                 return
             except Exception as exc:  # noqa: BLE001 - broker trouble; the robust connection returns
-                self._log.warning("consumer_subscribe_failed", error=exc.__class__.__name__,
-                                  retry_in_s=delay_s)  # fmt: skip
+                self._log.warning(
+                    "consumer_subscribe_failed", error=exc.__class__.__name__, retry_in_s=delay_s
+                )
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, RESUBSCRIBE_MAX_DELAY_S)
 

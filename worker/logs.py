@@ -10,8 +10,12 @@ import structlog
 
 from worker.settings import WorkerSection
 
-LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-          "error": logging.ERROR}  # fmt: skip
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 # The AMQP libraries log every reconnect attempt; the worker logs connection changes
 # itself, so only their errors are let through (as warnings, see below).
 QUIET_LIBRARIES = ("aio_pika", "aiormq")

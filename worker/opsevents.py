@@ -52,18 +52,24 @@ class OperationalEvents:
     def endpoint_failing(
         self, endpoint: str, *, consecutive_failures: int, last_status: str, cooldown_s: float
     ) -> None:
-        self._emit(ENDPOINT_FAILING, {
-            "endpoint": endpoint,
-            "consecutive_failures": consecutive_failures,
-            "last_status": last_status,
-            "retry_in_s": cooldown_s,
-        })  # fmt: skip
+        self._emit(
+            ENDPOINT_FAILING,
+            {
+                "endpoint": endpoint,
+                "consecutive_failures": consecutive_failures,
+                "last_status": last_status,
+                "retry_in_s": cooldown_s,
+            },
+        )
 
     def endpoint_recovered(self, endpoint: str, *, outage_s: float | None) -> None:
-        self._emit(ENDPOINT_RECOVERED, {
-            "endpoint": endpoint,
-            "outage_s": round(outage_s, 3) if outage_s is not None else None,
-        })  # fmt: skip
+        self._emit(
+            ENDPOINT_RECOVERED,
+            {
+                "endpoint": endpoint,
+                "outage_s": round(outage_s, 3) if outage_s is not None else None,
+            },
+        )
 
     def event_dead_lettered(
         self,
@@ -77,14 +83,17 @@ class OperationalEvents:
     ) -> None:
         if is_operational(event_type):
             return
-        self._emit(EVENT_DEAD_LETTERED, {
-            "endpoint": endpoint,
-            "event_id": event_id,
-            "event_type": event_type,
-            "reason": reason,
-            "attempts": attempts,
-            "last_status": last_status,
-        })  # fmt: skip
+        self._emit(
+            EVENT_DEAD_LETTERED,
+            {
+                "endpoint": endpoint,
+                "event_id": event_id,
+                "event_type": event_type,
+                "reason": reason,
+                "attempts": attempts,
+                "last_status": last_status,
+            },
+        )
 
     def _emit(self, event_type: str, data: dict[str, Any]) -> None:
         if not self.enabled:
@@ -106,11 +115,19 @@ class OperationalEvents:
             endpoint = data.get("endpoint")
             log.info("operational_event_unsubscribed", event_type=event_type, endpoint=endpoint)
         except PublishError as exc:
-            log.warning("operational_event_not_published", event_type=event_type,
-                        endpoint=data.get("endpoint"), error=str(exc))  # fmt: skip
+            log.warning(
+                "operational_event_not_published",
+                event_type=event_type,
+                endpoint=data.get("endpoint"),
+                error=str(exc),
+            )
         else:
-            log.info("operational_event_published", event_type=event_type, event_id=event_id,
-                     endpoint=data.get("endpoint"))  # fmt: skip
+            log.info(
+                "operational_event_published",
+                event_type=event_type,
+                event_id=event_id,
+                endpoint=data.get("endpoint"),
+            )
 
     async def close(self, timeout_s: float) -> None:
         """Give events being published a bounded time to be confirmed."""

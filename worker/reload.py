@@ -53,5 +53,11 @@ def plan_reload(running: Settings, loaded: Settings) -> ReloadPlan:
 def consumer_inputs(settings: Settings, endpoint: EndpointSettings) -> tuple[Any, ...]:
     """Everything an endpoint's consumer is built from; if any of it differs, the consumer
     is replaced. Secrets compare by value, so a rotation counts as a change."""
-    return (endpoint, endpoint.signing_keys, settings.delivery, settings.retry,
-            settings.security, settings.circuit_breaker)  # fmt: skip
+    return (
+        endpoint,
+        endpoint.signing_keys,
+        settings.delivery,
+        settings.retry,
+        settings.security,
+        settings.circuit_breaker,
+    )

@@ -112,9 +112,12 @@ class Worker:
 
     async def run(self) -> None:
         await self.health.start()
-        log.info("worker_starting", metrics_port=self.health.port,
-                 endpoints=[e.name for e in self.settings.endpoints],
-                 event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0])  # fmt: skip
+        log.info(
+            "worker_starting",
+            metrics_port=self.health.port,
+            endpoints=[e.name for e in self.settings.endpoints],
+            event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
+        )
         try:
             if await self._connect_with_backoff():
                 await self._start_consumers()
@@ -143,8 +146,12 @@ class Worker:
                 self._closing = True
                 await self._close_connections()
                 self._closing = False
-                log.warning("broker_unreachable", broker=self.settings.broker.masked_url,
-                            error=exc.__class__.__name__, retry_in_s=round(delay, 2))  # fmt: skip
+                log.warning(
+                    "broker_unreachable",
+                    broker=self.settings.broker.masked_url,
+                    error=exc.__class__.__name__,
+                    retry_in_s=round(delay, 2),
+                )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop_requested.wait(), timeout=delay)
                 delay = min(delay * 2, self.settings.broker.connect_retry_max_s)

@@ -29,19 +29,23 @@ def build_status(
     for consumer in consumers:
         endpoint = consumer.endpoint
         rates = consumer.recent.rates()
-        endpoints.append({
-            "name": endpoint.name,
-            # The host as it is dialled (normalised), scheme and port: never path or query.
-            "destination": str(endpoint.request_url.origin()),
-            "circuit": consumer.circuit_state.label,
-            "in_flight": consumer.in_flight,
-            "delivered_per_s": round(rates.delivered_per_s, 3),
-            "failed_per_s": round(rates.failed_per_s, 3),
-            "error_ratio": round(rates.error_ratio, 4) if rates.error_ratio is not None else None,
-            "backlog": depths.backlog.get(endpoint.name),
-            "retry_waiting": depths.retry_waiting.get(endpoint.name),
-            "rate_limit_per_s": endpoint.rate_limit_per_s,
-        })  # fmt: skip
+        endpoints.append(
+            {
+                "name": endpoint.name,
+                # The host as it is dialled (normalised), scheme and port: never path or query.
+                "destination": str(endpoint.request_url.origin()),
+                "circuit": consumer.circuit_state.label,
+                "in_flight": consumer.in_flight,
+                "delivered_per_s": round(rates.delivered_per_s, 3),
+                "failed_per_s": round(rates.failed_per_s, 3),
+                "error_ratio": round(rates.error_ratio, 4)
+                if rates.error_ratio is not None
+                else None,
+                "backlog": depths.backlog.get(endpoint.name),
+                "retry_waiting": depths.retry_waiting.get(endpoint.name),
+                "rate_limit_per_s": endpoint.rate_limit_per_s,
+            }
+        )
     return {
         "version": __version__,
         "exchange": settings.broker.exchange,

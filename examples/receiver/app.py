@@ -81,8 +81,11 @@ def build_app(
             while True:
                 path, event = await work.get()
                 if not quiet:
-                    print(f"signature verified  {path}  {event['type']}  {event['id']}  "
-                          f"data={json.dumps(event['data'])}", flush=True)  # fmt: skip
+                    print(
+                        f"signature verified  {path}  {event['type']}  {event['id']}  "
+                        f"data={json.dumps(event['data'])}",
+                        flush=True,
+                    )
 
         task = asyncio.create_task(loop())
         yield
