@@ -2,6 +2,7 @@
 
 from producer.envelope import Envelope, build_body, new_event_id, parse_envelope
 from producer.exceptions import (
+    BrokerUnreachable,
     ConfigError,
     HooklineError,
     InvalidEnvelope,
@@ -14,6 +15,7 @@ from producer.publisher import EventSpec, Publisher
 __version__ = "0.1.0"
 
 __all__ = [
+    "BrokerUnreachable",
     "ConfigError",
     "Envelope",
     "EventSpec",

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from pathlib import Path
 from typing import Any
 
+from producer.connection import AMQP_LIBRARIES, is_connection_noise
 from producer.envelope import TIMESTAMP_RULE, build_body, parse_json, parse_timestamp
 from producer.exceptions import ConfigError, HooklineError, InvalidEnvelope, PublishError
 from producer.publisher import EventSpec, Publisher
@@ -39,7 +41,21 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    _report_library_errors_briefly()
     return asyncio.run(_publish(broker, events))
+
+
+def _report_library_errors_briefly() -> None:
+    """The AMQP libraries' own errors as one ``warning:`` line each, without their reports
+    of a broker that cannot be reached: this command's error line says that."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(lambda record: not is_connection_noise(record))
+    handler.setFormatter(logging.Formatter("warning: %(name)s: %(message)s"))
+    for name in AMQP_LIBRARIES:
+        library = logging.getLogger(name)
+        library.handlers[:] = [handler]
+        library.setLevel(logging.ERROR)
+        library.propagate = False
 
 
 def _events_from_args(args: argparse.Namespace) -> list[EventSpec]:

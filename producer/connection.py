@@ -13,6 +13,7 @@ absent) instead of raising, so such a message reaches the worker and ends like a
 
 from __future__ import annotations
 
+import logging
 import struct
 from datetime import datetime
 
@@ -27,6 +28,23 @@ from producer.settings import BrokerSettings
 BROKER_GONE: tuple[type[BaseException], ...] = aio_pika.exceptions.CONNECTION_EXCEPTIONS
 
 _strict_timestamp = decode.timestamp
+AMQP_LIBRARIES = ("aio_pika", "aiormq")
+# What the AMQP libraries log about a broker that cannot be reached or went away. Hookline
+# reports those itself (``broker_unreachable``, ``broker_connection_lost``, a CLI error
+# line), so these would only say it twice, in another format.
+CONNECTION_NOISE = (
+    "error when creating transport",
+    "Connection attempt to",
+    "Reconnect attempt failed",
+    "Connection to %s closed",
+)
+
+
+def is_connection_noise(record: logging.LogRecord) -> bool:
+    """True for an AMQP library's log record that repeats a connection problem."""
+    return record.name.split(".")[0] in AMQP_LIBRARIES and str(record.msg).startswith(
+        CONNECTION_NOISE
+    )
 
 
 async def connect(broker: BrokerSettings, name: str) -> AbstractRobustConnection:

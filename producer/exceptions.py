@@ -26,5 +26,9 @@ class NotConfirmed(PublishError):
     """The broker did not confirm the message (nack, timeout or lost connection)."""
 
 
+class BrokerUnreachable(NotConfirmed):
+    """No broker answered within ``retry_for_s`` when connecting: nothing was published."""
+
+
 class Unroutable(PublishError):
     """The broker returned the message: no queue is bound for its routing key."""

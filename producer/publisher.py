@@ -19,8 +19,9 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
+from producer.connection import BROKER_GONE
 from producer.envelope import build_body
-from producer.exceptions import NotConfirmed, Unroutable
+from producer.exceptions import BrokerUnreachable, NotConfirmed, PublishError, Unroutable
 from producer.exchange import declare_exchange
 from producer.headers import MANDATORY
 from producer.settings import BrokerSettings, mask_url
@@ -98,8 +99,9 @@ class Publisher:
     ``publish`` raises :class:`Unroutable` when no endpoint subscribes to the event type, and
     :class:`NotConfirmed` when the broker did not confirm it within ``retry_for_s`` (a
     connection lost meanwhile is waited for and the publish repeated, so a broker restart
-    costs latency, not events). It never reports an unconfirmed event as sent. Use it as
-    ``async with Publisher(url) as publisher``.
+    costs latency, not events). It never reports an unconfirmed event as sent. Connecting
+    waits up to ``retry_for_s`` too, then raises :class:`BrokerUnreachable` (a
+    ``NotConfirmed``). Use it as ``async with Publisher(url) as publisher``.
     """
 
     def __init__(
@@ -140,6 +142,29 @@ class Publisher:
         return f"Publisher({mask_url(self._url)!r}, exchange={self._exchange_name!r})"
 
     async def connect(self) -> None:
+        """Connect and declare the exchange, waiting up to ``retry_for_s`` for a broker that
+        does not answer yet (with backoff); then raise :class:`BrokerUnreachable`."""
+        deadline = time.monotonic() + self._retry_for_s
+        pause_s = RETRY_FIRST_PAUSE_S
+        while True:
+            try:
+                await self._open()
+                return
+            except aiormq.exceptions.ProbableAuthenticationError as exc:
+                await self.close()
+                raise PublishError("the broker refused the credentials") from exc
+            except BROKER_GONE as exc:
+                await self.close()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise BrokerUnreachable(
+                        f"broker did not answer within {self._retry_for_s:g} s "
+                        f"({exc.__class__.__name__})"
+                    ) from exc
+                await asyncio.sleep(min(pause_s, remaining))
+                pause_s = min(pause_s * 2, RETRY_MAX_PAUSE_S)
+
+    async def _open(self) -> None:
         self._connection = await aio_pika.connect_robust(
             self._url,
             ssl_context=self._ssl_context,
@@ -153,9 +178,11 @@ class Publisher:
         self._exchange = await declare_exchange(self._channel, self._exchange_name)
 
     async def close(self) -> None:
-        if self._connection is not None:
-            await self._connection.close()
-        self._connection = self._channel = self._exchange = None
+        connection, self._connection = self._connection, None
+        self._channel = self._exchange = None
+        if connection is not None:
+            with contextlib.suppress(*BROKER_GONE):
+                await connection.close()
 
     async def __aenter__(self) -> Self:
         await self.connect()

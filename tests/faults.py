@@ -140,9 +140,10 @@ class TcpProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self.connections_seen = 0
 
-    async def start(self, ssl_context: ssl.SSLContext | None = None) -> None:
-        """Listen on 127.0.0.1; with ``ssl_context``, terminate TLS (an amqps:// front)."""
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0, ssl=ssl_context)
+    async def start(self, ssl_context: ssl.SSLContext | None = None, port: int = 0) -> None:
+        """Listen on 127.0.0.1 (``port``, or any free one); with ``ssl_context``, terminate
+        TLS (an amqps:// front)."""
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", port, ssl=ssl_context)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from pathlib import Path
 
 import aio_pika
@@ -234,3 +235,25 @@ async def test_secrets_never_appear_in_any_output(
     for fragment in fragments:
         assert fragment not in everything
     assert "guest:guest" not in everything
+
+
+async def test_publish_waits_for_the_broker_then_fails_with_one_line(tmp_path: Path) -> None:
+    """With no broker, `producer publish` waits broker.publish_retry_for_s, then exits 1
+    with Hookline's error line only: no AMQP library log line before it."""
+    document = make_document(
+        "hl-nobroker",
+        [endpoint("e", "http://127.0.0.1/", ["#"])],
+        broker={"url": "amqp://guest:guest@127.0.0.1:1/", "publish_retry_for_s": 1.5},
+    )
+    config = write_config(tmp_path, document)
+    started = time.monotonic()
+    code, out, err = await run_python(
+        "-m", "producer", "publish", "--config", str(config), "--type", "a.b"
+    )
+    assert code == 1
+    assert time.monotonic() - started >= 1.4
+    assert out == ""
+    assert err.splitlines() == [
+        "error: cannot publish to amqp://guest:****@127.0.0.1:1/: broker did not answer "
+        "within 1.5 s (AMQPConnectionError)"
+    ]

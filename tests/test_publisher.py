@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import socket
 import time
 
 import aio_pika
 import pytest
 
 from examples.publish.plain_aio_pika import publish as plain_publish
-from producer import EventSpec, NotConfirmed, Publisher, Unroutable, parse_envelope
+from producer import (
+    BrokerUnreachable,
+    EventSpec,
+    NotConfirmed,
+    Publisher,
+    Unroutable,
+    parse_envelope,
+)
 from tests.conftest import AMQP_URL, Broker, endpoint, make_settings
-from tests.faults import BrokerControl
+from tests.faults import BrokerControl, TcpProxy
 from worker.topology import endpoint_queue, unrouted_queue
 
 
@@ -120,3 +129,46 @@ async def test_broker_down_raises_within_the_bound_then_recovers(
             raise AssertionError("the publisher did not recover")
     messages = await broker.drain(endpoint_queue(exchange_name, "ep"))
     assert sorted(m.message_id for m in messages) == ["after", "after-same-publisher", "before"]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_publisher_waits_for_a_broker_that_is_down_when_it_starts(
+    declared: object, broker: Broker, exchange_name: str
+) -> None:
+    """A broker that does not answer yet when a service starts publishing is waited for
+    (with backoff) within retry_for_s: the connect succeeds once it answers."""
+    port = _free_port()
+    front = TcpProxy()
+    url = f"amqp://guest:guest@127.0.0.1:{port}/"
+
+    async def broker_appears_later() -> None:
+        await asyncio.sleep(1.0)
+        await front.start(port=port)
+
+    appearing = asyncio.create_task(broker_appears_later())
+    try:
+        async with Publisher(url, exchange_name, retry_for_s=20) as publisher:
+            await publisher.publish("order.created", {}, event_id="waited")
+    finally:
+        await appearing
+        await front.close()
+    [message] = await broker.drain(endpoint_queue(exchange_name, "ep"))
+    assert message.message_id == "waited"
+
+
+async def test_an_unreachable_broker_is_reported_as_hookline_error_after_the_bound() -> None:
+    """No broker for the whole retry_for_s: connecting raises BrokerUnreachable, a
+    NotConfirmed, once the bound has passed, not the AMQP client's own error at once."""
+    url = f"amqp://guest:guest@127.0.0.1:{_free_port()}/"
+    started = time.monotonic()
+    with pytest.raises(BrokerUnreachable) as raised:
+        async with Publisher(url, "hl-nowhere", retry_for_s=1.5):
+            pass
+    assert 1.4 <= time.monotonic() - started <= 6
+    assert isinstance(raised.value, NotConfirmed)
+    assert "1.5 s" in str(raised.value)

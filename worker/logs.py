@@ -8,6 +8,7 @@ from typing import TextIO
 
 import structlog
 
+from producer.connection import AMQP_LIBRARIES, is_connection_noise
 from worker.settings import WorkerSection
 
 LEVELS = {
@@ -16,15 +17,15 @@ LEVELS = {
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
-# The AMQP libraries log every reconnect attempt; the worker logs connection changes
-# itself, so only their errors are let through (as warnings, see below).
-QUIET_LIBRARIES = ("aio_pika", "aiormq")
 
 
 def _expected_library_noise(record: logging.LogRecord) -> bool:
-    """AMQP libraries log a broker restart as errors with tracebacks; for a worker that
-    reconnects by itself it is an expected event, so keep the line as a warning only."""
-    if record.name.split(".")[0] in QUIET_LIBRARIES:
+    """The AMQP libraries' reports of a connection problem are dropped: the worker logs
+    connection changes itself. Their other errors come through as warnings without
+    tracebacks: for a worker that reconnects by itself they are expected."""
+    if is_connection_noise(record):
+        return False
+    if record.name.split(".")[0] in AMQP_LIBRARIES:
         record.levelno, record.levelname = logging.WARNING, "WARNING"
         record.exc_info = record.exc_text = None
     return True
@@ -78,5 +79,5 @@ def configure_logging(section: WorkerSection, stream: TextIO | None = None) -> N
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
-    for name in QUIET_LIBRARIES:
+    for name in AMQP_LIBRARIES:
         logging.getLogger(name).setLevel(logging.ERROR)
