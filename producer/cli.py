@@ -11,7 +11,13 @@ from typing import Any
 
 from producer.connection import AMQP_LIBRARIES, is_connection_noise
 from producer.envelope import TIMESTAMP_RULE, build_body, parse_json, parse_timestamp
-from producer.exceptions import ConfigError, HooklineError, InvalidEnvelope, PublishError
+from producer.exceptions import (
+    ConfigError,
+    HooklineError,
+    InvalidEnvelope,
+    PublishError,
+    error_lines,
+)
 from producer.publisher import EventSpec, Publisher
 from producer.settings import BrokerSettings, load_broker_settings
 
@@ -39,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         broker = load_broker_settings(args.config)
         events = _events_from_args(args)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(error_lines(exc), file=sys.stderr)
         return EXIT_BAD_INPUT
     _report_library_errors_briefly()
     return asyncio.run(_publish(broker, events))

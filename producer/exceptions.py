@@ -32,3 +32,8 @@ class BrokerUnreachable(NotConfirmed):
 
 class Unroutable(PublishError):
     """The broker returned the message: no queue is bound for its routing key."""
+
+
+def error_lines(error: BaseException) -> str:
+    """An error as command-line output: every line starts with ``error:``."""
+    return "\n".join(f"error: {line}" for line in (str(error) or type(error).__name__).splitlines())

@@ -24,6 +24,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from producer.exceptions import ConfigError
 
@@ -188,11 +189,25 @@ def read_config_file(path: Path, environ: Mapping[str, str] | None = None) -> di
     return document
 
 
+FIELD_PROBLEM = "hookline_field_problem"
+
+
+def field_problem(field: str, message: str) -> PydanticCustomError:
+    """A problem found by a check across fields, reported at the field it concerns (for
+    example ``endpoints[2].url``) rather than at the top level."""
+    return PydanticCustomError(FIELD_PROBLEM, "{message}", {"field": field, "message": message})
+
+
 def format_validation_error(path: Path, exc: ValidationError) -> ConfigError:
-    """One line per problem, naming the field, never echoing the value (it may be a secret)."""
+    """One line per problem, each ``<file>: <field>: <message>``, naming the field and never
+    echoing the value (it may be a secret)."""
     lines = []
     for error in exc.errors(include_input=False, include_url=False):
         field = _field_path(error["loc"])
+        if error["type"] == FIELD_PROBLEM:
+            context = error.get("ctx") or {}
+            field = ".".join(part for part in (field, str(context.get("field", ""))) if part)
+            field = field.removeprefix("(top level).")
         message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
         message = message.removeprefix("Value error, ")
         lines.append(f"{path}: {field}: {message}")

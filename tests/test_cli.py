@@ -257,3 +257,28 @@ async def test_publish_waits_for_the_broker_then_fails_with_one_line(tmp_path: P
         "error: cannot publish to amqp://guest:****@127.0.0.1:1/: broker did not answer "
         "within 1.5 s (AMQPConnectionError)"
     ]
+
+
+async def test_check_config_masks_query_strings_and_errors_name_fields(tmp_path: Path) -> None:
+    """check-config shows query keys, never their values (tokens); a problem found across
+    fields names its field, and every line of the error output starts with "error:"."""
+    document = make_document(
+        "hl-mask",
+        [endpoint("e", "http://example.com/hook?token=s3cret-token", ["#"])],
+    )
+    code, out, err = await run_python(
+        "-m", "worker", "check-config", "--config", str(write_config(tmp_path, document))
+    )
+    assert code == 0, err
+    assert "https://example.com/hook?token=****" not in out  # http allowed by the test config
+    assert "http://example.com/hook?token=****" in out
+    assert "s3cret-token" not in out + err
+    document["security"]["require_https"] = True
+    document["endpoints"].append(endpoint("f", "https://exa mple.com/", ["#"]))
+    code, out, err = await run_python(
+        "-m", "worker", "check-config", "--config", str(write_config(tmp_path, document))
+    )
+    assert code == 2
+    assert err.splitlines() and all(line.startswith("error: ") for line in err.splitlines())
+    assert "endpoints[1].url" in err
+    assert "top level" not in err

@@ -22,6 +22,7 @@ from tests.conftest import (
     Receiver,
     endpoint,
     make_document,
+    make_settings,
     run_python,
     write_config,
 )
@@ -108,7 +109,7 @@ BAD_DOCUMENTS = [
     (minimal(events=["order.**x"]), "endpoints[0].events"),
     (minimal(events=[]), "endpoints[0].events"),
     (minimal(url="ftp://example.com/"), "endpoints[0].url"),
-    (minimal(url="http://example.com/"), "require_https"),
+    (minimal(url="http://example.com/"), "endpoints[0].url: http:// URLs are refused"),
     (minimal(url="https://user:pw@example.com/"), "endpoints[0].url"),
     (minimal(url="https://2130706433/hook"), "legacy numeric form"),
     (minimal(url="https://0177.0.0.1/hook"), "legacy numeric form"),
@@ -122,7 +123,8 @@ BAD_DOCUMENTS = [
     (minimal(max_in_flight=0), "endpoints[0].max_in_flight"),
     ({"endpoints": minimal()["endpoints"]}, "broker"),
     ({"broker": {"url": "http://x/"}, "endpoints": minimal()["endpoints"]}, "broker.url"),
-    ({**minimal(), "endpoints": minimal()["endpoints"] * 2}, "used twice"),
+    ({**minimal(), "endpoints": minimal()["endpoints"] * 2}, "endpoints[1].name: 'billing' is"),
+    ({**minimal(), "endpoints": []}, "endpoints: needs at least one endpoint"),
     ("broker: [unclosed", "not valid YAML"),
     ("- a list", "top level must be a mapping"),
     # Hosts are checked as yarl normalises them, which is what aiohttp dials.
@@ -389,3 +391,40 @@ async def test_idn_spelled_loopback_is_refused_before_send_test_or_run(
             assert code == 2, (command, out, err)
             assert "endpoints[0].url: writes an IP address with non-ASCII characters" in err
     assert receiver.requests == []
+
+
+def test_every_problem_is_reported_at_its_field_and_only_once(tmp_path: Path) -> None:
+    """Checks across fields name the field they concern, never "(top level)", and an
+    invalid endpoint is not reported a second time as a missing one."""
+    document = minimal()
+    document["endpoints"] = [  # type: ignore[index]
+        {**document["endpoints"][0], "name": "a"},  # type: ignore[index]
+        {**document["endpoints"][0], "name": "b", "url": "http://example.com/"},  # type: ignore[index]
+    ]
+    path = write(tmp_path, document)
+    with pytest.raises(ConfigError) as refused:
+        load_settings(path, environ={})
+    assert str(refused.value).splitlines() == [
+        f"{path}: endpoints[1].url: http:// URLs are refused while security.require_https is true"
+    ]
+    with pytest.raises(ConfigError) as refused:
+        load_settings(write(tmp_path, minimal(url="https://a b.example.com/")), environ={})
+    assert len(str(refused.value).splitlines()) == 1
+    assert "top level" not in str(refused.value)
+
+
+def test_display_url_masks_query_values() -> None:
+    """Query strings may hold tokens: output shows their keys, never their values."""
+    endpoint = make_settings(
+        "x",
+        [
+            {
+                "name": "e",
+                "url": "https://example.com/hook?token=s3cret&a=1&a=2",
+                "events": ["#"],
+                "secret": SECRET_A,
+            }
+        ],
+    ).endpoints[0]
+    assert endpoint.display_url == "https://example.com/hook?token=****&a=****&a=****"
+    assert "s3cret" not in endpoint.display_url

@@ -10,6 +10,7 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+from producer.exceptions import error_lines
 from worker import cli_dlq
 from worker.exceptions import ConfigError, HooklineError, ListenError, TopologyConflict
 from worker.inspect import run_status
@@ -57,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if named is not None and getattr(args, "dlq_command", None) != "retire":
             settings.endpoint(named)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(error_lines(exc), file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyError:
         print(f"error: {args.config}: no endpoint named {args.endpoint!r}", file=sys.stderr)
@@ -146,7 +147,7 @@ def describe_settings(settings: Settings, path: Path) -> str:
         rate = f"{endpoint.rate_limit_per_s}/s per worker" if endpoint.rate_limit_per_s else "none"
         lines += [
             f"  {endpoint.name}",
-            f"    url:       {endpoint.url}",
+            f"    url:       {endpoint.display_url}",
             f"    queue:     {endpoint_queue(exchange, endpoint.name)}",
             f"    bindings:  {', '.join(endpoint.events)}",
             f"    secrets:   {len(endpoint.signing_keys)}",

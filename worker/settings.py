@@ -28,7 +28,13 @@ from pydantic import (
 )
 from yarl import URL
 
-from producer.settings import BrokerSettings, Model, format_validation_error, read_config_file
+from producer.settings import (
+    BrokerSettings,
+    Model,
+    field_problem,
+    format_validation_error,
+    read_config_file,
+)
 from worker.netguard import is_numeric_host
 from worker.signing import SigningKey
 
@@ -279,6 +285,14 @@ class EndpointSettings(Model):
         return URL(self.url)
 
     @property
+    def display_url(self) -> str:
+        """The URL fit for output: query values (which may hold tokens) masked."""
+        url = self.request_url
+        if not url.query_string:
+            return str(url)
+        return str(url.with_query([(key, "****") for key, _ in url.query.items()]))
+
+    @property
     def host(self) -> str:
         """The host aiohttp dials: ASCII (punycode), an IPv6 literal without brackets."""
         return self.request_url.raw_host or ""
@@ -336,28 +350,32 @@ class Settings(Model):
     security: SecuritySettings = SecuritySettings()
     circuit_breaker: CircuitBreakerSettings = CircuitBreakerSettings()
     operational_events: OperationalEventsSettings = OperationalEventsSettings()
-    endpoints: tuple[EndpointSettings, ...] = Field(min_length=1)
+    endpoints: tuple[EndpointSettings, ...]
 
     @model_validator(mode="after")
     def _check_endpoints(self) -> Settings:
+        # Here rather than as min_length: this runs only once every endpoint is valid, so a
+        # bad endpoint is not reported a second time as "no endpoints".
+        if not self.endpoints:
+            raise field_problem("endpoints", "needs at least one endpoint")
         seen: set[str] = set()
-        for endpoint in self.endpoints:
+        for index, endpoint in enumerate(self.endpoints):
             if endpoint.name in seen:
-                raise ValueError(f"endpoint name {endpoint.name!r} is used twice")
+                raise field_problem(f"endpoints[{index}].name", f"{endpoint.name!r} is used twice")
             seen.add(endpoint.name)
             if self.security.require_https and endpoint.request_url.scheme != "https":
-                raise ValueError(
-                    f"endpoint {endpoint.name!r}: http:// URLs are refused while "
-                    "security.require_https is true"
+                raise field_problem(
+                    f"endpoints[{index}].url",
+                    "http:// URLs are refused while security.require_https is true",
                 )
             rate = endpoint.rate_limit_per_s
             if rate is not None and 1 / rate + self.timeout_for(endpoint) > MAX_UNACKED_S:
-                raise ValueError(
-                    f"endpoint {endpoint.name!r}: the wait for a rate-limit token "
-                    f"(1 / rate_limit_per_s) plus timeout_s must not exceed {MAX_UNACKED_S:g} "
-                    "seconds: the message is unacknowledged all that time, and RabbitMQ "
-                    "closes the channel of a consumer that holds one longer than its "
-                    "consumer_timeout (30 minutes by default)"
+                raise field_problem(
+                    f"endpoints[{index}].rate_limit_per_s",
+                    "the wait for a rate-limit token (1 / rate_limit_per_s) plus timeout_s must "
+                    f"not exceed {MAX_UNACKED_S:g} seconds: the message is unacknowledged all "
+                    "that time, and RabbitMQ closes the channel of a consumer that holds one "
+                    "longer than its consumer_timeout (30 minutes by default)",
                 )
         return self
 
