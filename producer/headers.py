@@ -7,6 +7,10 @@ Headers Hookline writes (public contract):
 
 - ``hookline-mandatory: "1"``: set by the SDK, so that an event no endpoint subscribes to
   is returned to the publisher instead of being kept in ``<exchange>.unrouted``.
+- ``hookline-published-at``: when the event was first published, in milliseconds since the
+  Unix epoch (set by the SDK; on events from other publishers, the worker sets the time of
+  the first attempt on its retry copies; ``dlq replay`` sets the time of the replay).
+  ``webhook_end_to_end_seconds`` is measured from it.
 - ``hookline-attempts``: attempts already made (on retry copies and dead letters).
 - ``hookline-handler-errors``: how many times the worker itself failed on the message.
 - ``hookline-dropped-headers``: names of publisher headers that could not be copied
@@ -18,6 +22,7 @@ Headers Hookline writes (public contract):
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +30,7 @@ from typing import Any
 from pamqp import decode, encode
 
 MANDATORY = "hookline-mandatory"
+PUBLISHED_AT = "hookline-published-at"
 ATTEMPTS = "hookline-attempts"
 HANDLER_ERRORS = "hookline-handler-errors"
 DROPPED_HEADERS = "hookline-dropped-headers"
@@ -41,6 +47,8 @@ NOT_CARRIED_PREFIXES = ("x-", "hookline-")
 MAX_COUNT = 1_000_000
 MAX_DETAIL_CHARS = 512
 MAX_DROPPED_NAMES_CHARS = 512
+EARLIEST_PUBLISH_MS = 1_577_836_800_000  # 2020-01-01: anything earlier is not a publish time
+MAX_CLOCK_SKEW_MS = 300_000
 
 
 def read_count(headers: Mapping[str, Any] | None, name: str) -> int:
@@ -66,6 +74,19 @@ def read_count(headers: Mapping[str, Any] | None, name: str) -> int:
     if isinstance(value, int):
         return max(0, min(value, MAX_COUNT))
     return 0
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def published_at_ms(headers: Mapping[str, Any] | None) -> int | None:
+    """``hookline-published-at``, or None if absent or not a plausible time in milliseconds
+    (a publisher may send anything)."""
+    value = (headers or {}).get(PUBLISHED_AT)
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if EARLIEST_PUBLISH_MS <= value <= now_ms() + MAX_CLOCK_SKEW_MS else None
 
 
 def attempts_made(headers: Mapping[str, Any] | None) -> int:
@@ -169,8 +190,10 @@ def dropped_note(headers: Mapping[str, Any]) -> str:
 def retry_headers(
     original: Mapping[str, Any] | None, *, attempts: int, handler_errors: int
 ) -> dict[str, Any]:
-    """Headers of a retry copy."""
+    """Headers of a retry copy. It keeps the first publish time, or records the first
+    attempt's as the best known for an event published without one."""
     headers, dropped = carried(original)
+    headers[PUBLISHED_AT] = published_at_ms(original) or now_ms()
     headers[ATTEMPTS] = attempts
     if handler_errors:
         headers[HANDLER_ERRORS] = handler_errors
@@ -191,6 +214,9 @@ def dead_letter_headers(
     """Headers of a dead-letter copy: the publisher's headers plus why it ended there."""
     headers, dropped = carried(original)
     with_dropped(headers, original, dropped)
+    published = published_at_ms(original)
+    if published is not None:
+        headers[PUBLISHED_AT] = published
     headers.update(
         {
             ENDPOINT: endpoint,
@@ -207,7 +233,9 @@ def dead_letter_headers(
 
 
 def replay_headers(original: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Headers of a replayed dead letter: the publisher's, with fresh attempts."""
+    """Headers of a replayed dead letter: the publisher's, with fresh attempts, published
+    now (so end-to-end latency is the replay's, not the time spent dead-lettered)."""
     headers, dropped = carried(original)
     with_dropped(headers, original, dropped)
+    headers[PUBLISHED_AT] = now_ms()
     return headers

@@ -23,7 +23,7 @@ from producer.connection import BROKER_GONE
 from producer.envelope import build_body
 from producer.exceptions import BrokerUnreachable, NotConfirmed, PublishError, Unroutable
 from producer.exchange import declare_exchange
-from producer.headers import MANDATORY
+from producer.headers import MANDATORY, PUBLISHED_AT, now_ms
 from producer.settings import BrokerSettings, mask_url
 
 CONTENT_TYPE = "application/json"
@@ -213,7 +213,9 @@ class Publisher:
         """Publish an already serialised envelope (routing key = its type)."""
         if self._exchange is None or self._connection is None:
             raise RuntimeError("Publisher is not connected; use 'async with Publisher(...)'")
-        message = persistent_message(body, message_id=event_id, headers={MANDATORY: "1"})
+        message = persistent_message(
+            body, message_id=event_id, headers={MANDATORY: "1", PUBLISHED_AT: now_ms()}
+        )
         deadline = time.monotonic() + self._retry_for_s
         pause_s = RETRY_FIRST_PAUSE_S
         while True:

@@ -7,7 +7,7 @@ import itertools
 import json
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import hypothesis
@@ -735,3 +735,49 @@ async def test_headers_that_cannot_be_re_encoded_are_named_not_fatal(
     assert letter.headers["hookline-dropped-headers"] == "precise"
     assert "precise" in letter.headers["hookline-detail"]
     assert len(receiver.requests) == 2
+
+
+async def test_end_to_end_latency_counts_from_the_first_publish(
+    exchange_name: str, receiver: Receiver, run_worker: RunWorker, broker: Broker
+) -> None:
+    """webhook_end_to_end_seconds starts at the first publish (the SDK's
+    hookline-published-at), not at the envelope's timestamp, which a backfilled event sets
+    hours back; for another publisher's event it starts at the first attempt, retries
+    included."""
+    receiver.script("/other", 503, 200)
+    settings = make_settings(
+        exchange_name,
+        [
+            endpoint("sdk", receiver.url("/sdk"), ["sdk.#"]),
+            endpoint("other", receiver.url("/other"), ["other.#"]),
+        ],
+        retry={"delays_s": [0.5]},
+    )
+    worker = await run_worker(settings)
+    three_hours_ago = datetime.now(UTC) - timedelta(hours=3)
+    await publish(exchange_name, "sdk.backfill", {}, timestamp=three_hours_ago)
+    _, body = build_body("other.event", {}, event_id="other-1")
+    await broker.publish(exchange_name, "other.event", body)
+    await receiver.wait_for(lambda: receiver.delivered_ids("/other") == ["other-1"])
+    await receiver.wait_for(lambda: len(receiver.delivered_ids("/sdk")) == 1)
+    registry = worker.metrics.registry
+
+    def observed(name: str) -> tuple[float | None, float | None]:
+        labels = {"endpoint": name}
+        return (
+            registry.get_sample_value("webhook_end_to_end_seconds_count", labels),
+            registry.get_sample_value("webhook_end_to_end_seconds_sum", labels),
+        )
+
+    await eventually(_async(lambda: observed("other")[0] == 1))
+    count, total = observed("sdk")
+    assert count == 1 and total is not None and total < 60
+    count, total = observed("other")
+    assert count == 1 and total is not None and 0.5 <= total < 30
+
+
+def _async(predicate: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return predicate()
+
+    return check

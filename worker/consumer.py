@@ -12,7 +12,6 @@ import contextlib
 import math
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -506,10 +505,13 @@ class EndpointConsumer:
         if result is not None:
             fields["duration_ms"] = round(result.duration_s * 1000, 1)
         if decision.action is Action.ACK:
-            assert envelope is not None
-            self._end_to_end.observe(
-                max(0.0, (datetime.now(UTC) - envelope.timestamp).total_seconds())
-            )
+            # From the first publish, not the envelope's timestamp: a backfilled or replayed
+            # event may carry an old one. Without a publish time, this attempt was the first.
+            published = headers.published_at_ms(message.headers)
+            if published is not None:
+                self._end_to_end.observe(max(0.0, (headers.now_ms() - published) / 1000))
+            elif result is not None:
+                self._end_to_end.observe(result.duration_s)
             log.info(OUTCOME_EVENTS[decision.action], **fields)
         else:
             fields["detail"] = outcome.detail

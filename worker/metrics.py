@@ -74,7 +74,8 @@ class Metrics:
         )
         self.end_to_end = Histogram(
             "webhook_end_to_end_seconds",
-            "From the envelope's timestamp to its successful delivery.",
+            "From the event's first publish (its hookline-published-at header, which the SDK "
+            "sets; else its first attempt) to its successful delivery.",
             ["endpoint"],
             buckets=END_TO_END_BUCKETS_S,
             registry=r,

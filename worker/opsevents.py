@@ -26,7 +26,7 @@ import structlog
 from aio_pika.abc import AbstractExchange
 
 from producer.envelope import build_body
-from producer.headers import MANDATORY
+from producer.headers import MANDATORY, PUBLISHED_AT, now_ms
 from producer.publisher import persistent_message, publish_confirmed
 from worker.exceptions import PublishError, Unroutable
 
@@ -107,7 +107,9 @@ class OperationalEvents:
         try:
             await publish_confirmed(
                 self._exchange,
-                persistent_message(body, message_id=event_id, headers={MANDATORY: "1"}),
+                persistent_message(
+                    body, message_id=event_id, headers={MANDATORY: "1", PUBLISHED_AT: now_ms()}
+                ),
                 event_type,
                 self._timeout_s,
             )
