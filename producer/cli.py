@@ -10,7 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from producer.connection import AMQP_LIBRARIES, is_connection_noise
-from producer.envelope import TIMESTAMP_RULE, build_body, parse_json, parse_timestamp
+from producer.envelope import (
+    ENVELOPE_KEYS,
+    TIMESTAMP_RULE,
+    build_body,
+    parse_json,
+    parse_timestamp,
+)
 from producer.exceptions import (
     ConfigError,
     HooklineError,
@@ -34,7 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--data", help="the event's data as a JSON object")
     publish.add_argument("--id", dest="event_id", help="event id (default: generated)")
     publish.add_argument(
-        "--file", type=Path, help="JSON lines, each {type, data[, id][, timestamp]}"
+        "--file",
+        type=Path,
+        help="JSON lines, each {type[, data][, id][, timestamp]}; data defaults to {}, and any "
+        "other key is added to the envelope as it is",
     )
     return parser
 
@@ -100,9 +109,8 @@ def _parse_object(text: str, where: str) -> dict[str, Any]:
 
 
 def _spec(document: dict[str, Any], where: str) -> EventSpec:
-    unknown = set(document) - {"type", "data", "id", "timestamp"}
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+    """An event from one line: its ``type``, ``data`` (default ``{}``), optional ``id`` and
+    ``timestamp``; any other key goes into the envelope as it is, as the envelope allows."""
     try:
         timestamp = document.get("timestamp")
         if timestamp is not None and not isinstance(timestamp, str):
@@ -113,9 +121,12 @@ def _spec(document: dict[str, Any], where: str) -> EventSpec:
             id=document.get("id"),
             # The envelope's rule, not datetime.fromisoformat's wider ISO 8601.
             timestamp=None if timestamp is None else parse_timestamp(timestamp),
+            extra={key: value for key, value in document.items() if key not in ENVELOPE_KEYS},
         )
         # Validate every line before connecting, so a bad file publishes nothing.
-        build_body(spec.type, spec.data, event_id=spec.id, timestamp=spec.timestamp)
+        build_body(
+            spec.type, spec.data, event_id=spec.id, timestamp=spec.timestamp, extra=spec.extra
+        )
     except (InvalidEnvelope, TypeError, ValueError) as exc:
         reason = exc if isinstance(exc, InvalidEnvelope) else "not a valid event"
         raise ConfigError(f"{where}: {reason}") from None
@@ -128,7 +139,11 @@ async def _publish(broker: BrokerSettings, events: list[EventSpec]) -> int:
             results = await asyncio.gather(
                 *(
                     publisher.publish(
-                        spec.type, spec.data, event_id=spec.id, timestamp=spec.timestamp
+                        spec.type,
+                        spec.data,
+                        event_id=spec.id,
+                        timestamp=spec.timestamp,
+                        extra=spec.extra,
                     )
                     for spec in events
                 ),

@@ -10,6 +10,7 @@ import json
 import math
 import re
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -24,6 +25,7 @@ EVENT_ID_RE = re.compile(r"^[\x21-\x7e](?:[\x20-\x7e]{0,253}[\x21-\x7e])?$")
 # Dot-separated words; a word never contains the AMQP topic wildcards.
 EVENT_TYPE_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 MAX_TYPE_LENGTH = 255
+ENVELOPE_KEYS = frozenset({"id", "type", "timestamp", "data"})
 # RFC 3339 section 5.6 ``date-time``, nothing else: ``datetime.fromisoformat`` also takes
 # week dates, basic format, date-only and offsets with seconds. ASCII digits only (``\d``
 # would match any script's digits). The fraction may be any length; microseconds are kept.
@@ -179,8 +181,13 @@ def build_body(
     *,
     event_id: str | None = None,
     timestamp: datetime | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> tuple[str, bytes]:
-    """Serialise a new event; returns its id and the body bytes to publish."""
+    """Serialise a new event; returns its id and the body bytes to publish.
+
+    ``extra`` adds top-level keys beside the four of the envelope (which it cannot
+    replace): receivers see them, and the worker forwards the body unchanged.
+    """
     event_id = event_id if event_id is not None else new_event_id()
     moment = timestamp if timestamp is not None else datetime.now(UTC)
     if moment.tzinfo is None:
@@ -188,7 +195,11 @@ def build_body(
     stamp = moment.isoformat().replace("+00:00", "Z")
     # An offset with seconds (or a tzinfo that gives none) would not be RFC 3339.
     parse_timestamp(stamp)
+    reserved = set(extra or {}) & ENVELOPE_KEYS
+    if reserved:
+        raise InvalidEnvelope(f"extra keys cannot replace the envelope's {sorted(reserved)}")
     document = {
+        **(extra or {}),
         "id": _check_id(event_id),
         "type": _check_type(event_type),
         "timestamp": stamp,

@@ -91,6 +91,7 @@ class EventSpec:
     data: dict[str, Any] = field(default_factory=dict)
     id: str | None = None
     timestamp: datetime | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # top-level envelope keys
 
 
 class Publisher:
@@ -203,9 +204,13 @@ class Publisher:
         *,
         event_id: str | None = None,
         timestamp: datetime | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> str:
-        """Publish one event and return its id once the broker has confirmed it."""
-        event_id, body = build_body(event_type, data, event_id=event_id, timestamp=timestamp)
+        """Publish one event and return its id once the broker has confirmed it; ``extra``
+        adds top-level envelope keys beside ``id``, ``type``, ``timestamp`` and ``data``."""
+        event_id, body = build_body(
+            event_type, data, event_id=event_id, timestamp=timestamp, extra=extra
+        )
         await self.publish_body(event_type, body, event_id=event_id)
         return event_id
 
@@ -254,7 +259,11 @@ class Publisher:
         async def one(spec: EventSpec) -> str:
             async with gate:
                 return await self.publish(
-                    spec.type, spec.data, event_id=spec.id, timestamp=spec.timestamp
+                    spec.type,
+                    spec.data,
+                    event_id=spec.id,
+                    timestamp=spec.timestamp,
+                    extra=spec.extra,
                 )
 
         results = await asyncio.gather(*(one(spec) for spec in events), return_exceptions=True)

@@ -282,3 +282,25 @@ async def test_check_config_masks_query_strings_and_errors_name_fields(tmp_path:
     assert err.splitlines() and all(line.startswith("error: ") for line in err.splitlines())
     assert "endpoints[1].url" in err
     assert "top level" not in err
+
+
+async def test_publish_file_lines_may_omit_data_and_add_envelope_keys(
+    config: Path, broker: Broker, exchange_name: str, tmp_path: Path
+) -> None:
+    """A --file line without data publishes data {}; keys beyond the envelope's four travel
+    in the envelope, as the envelope allows; the four cannot be replaced."""
+    await broker.declare(settings_from_document(yaml.safe_load(config.read_text()), config, {}))
+    lines = tmp_path / "events.jsonl"
+    lines.write_text(
+        json.dumps({"type": "order.paid", "id": "bare"})
+        + "\n"
+        + json.dumps({"type": "order.paid", "id": "rich", "subject": "order/7", "v": 2})
+    )
+    code, out, err = await run_python(
+        "-m", "producer", "publish", "--config", str(config), "--file", str(lines)
+    )
+    assert (code, out.split()) == (0, ["bare", "rich"]), err
+    messages = await broker.drain(endpoint_queue(exchange_name, "orders"))
+    bodies = {json.loads(m.body)["id"]: json.loads(m.body) for m in messages}
+    assert bodies["bare"]["data"] == {}
+    assert (bodies["rich"]["subject"], bodies["rich"]["v"]) == ("order/7", 2)

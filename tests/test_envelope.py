@@ -285,3 +285,14 @@ def test_build_body_refuses_data_json_cannot_hold(data: dict[str, object]) -> No
     bare ValueError or TypeError from the JSON encoder."""
     with pytest.raises(InvalidEnvelope, match="cannot be written as JSON"):
         build_body("a.b", data)
+
+
+def test_extra_envelope_keys_travel_beside_the_four() -> None:
+    """build_body adds extra top-level keys, which the parser accepts; it refuses extra keys
+    that would replace id, type, timestamp or data."""
+    _, body = build_body("a.b", {}, event_id="x", extra={"subject": "s", "version": 2})
+    document = json.loads(body)
+    assert (document["subject"], document["version"]) == ("s", 2)
+    assert parse_envelope(body, 10_000).id == "x"
+    with pytest.raises(InvalidEnvelope, match="cannot replace"):
+        build_body("a.b", {}, extra={"id": "other"})
