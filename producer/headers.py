@@ -17,6 +17,9 @@ Headers Hookline writes (public contract):
   losslessly into a retry or dead-letter copy and were left out (comma-separated).
 - Dead letters only: ``hookline-endpoint``, ``hookline-reason``, ``hookline-last-status``,
   ``hookline-dead-lettered-at`` (RFC 3339, UTC) and ``hookline-detail``.
+
+Headers the broker writes and Hookline only reads: ``x-delivery-count`` (how often a quorum
+queue took the message back) and ``x-death`` (where and why the broker dead-lettered it).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -39,6 +43,9 @@ REASON = "hookline-reason"
 LAST_STATUS = "hookline-last-status"
 DEAD_LETTERED_AT = "hookline-dead-lettered-at"
 DETAIL = "hookline-detail"
+# Written by RabbitMQ.
+DELIVERY_COUNT = "x-delivery-count"
+DEATHS = "x-death"
 
 # Prefixes of headers that are never carried into copies: the broker's own (RabbitMQ drops
 # a message whose copied ``x-death`` says it went round a dead-letter loop) and Hookline's
@@ -92,6 +99,47 @@ def published_at_ms(headers: Mapping[str, Any] | None) -> int | None:
 def attempts_made(headers: Mapping[str, Any] | None) -> int:
     """Attempts already made, from our own header (``x-death`` counts are not reliable)."""
     return read_count(headers, ATTEMPTS)
+
+
+def delivery_count(headers: Mapping[str, Any] | None) -> int:
+    """How many times a quorum queue has taken the message back (``x-delivery-count``);
+    0 when the header is missing or is not a whole number."""
+    return read_count(headers, DELIVERY_COUNT)
+
+
+@dataclass(frozen=True, slots=True)
+class Death:
+    """One entry of the broker's ``x-death``: the queue it left, why, and when."""
+
+    queue: str
+    reason: str
+    time: datetime | None
+
+
+def deaths(headers: Mapping[str, Any] | None) -> list[Death]:
+    """The broker's dead-lettering history (``x-death``), most recent first.
+
+    Publishers can set ``x-death`` themselves on RabbitMQ 3.x, so anything that is not a
+    list of tables reads as no history, and malformed entries are skipped.
+    """
+    history = (headers or {}).get(DEATHS)
+    if not isinstance(history, list | tuple):
+        return []
+    found = []
+    for entry in history:
+        if not isinstance(entry, dict):
+            continue
+        moment = entry.get("time")
+        if isinstance(moment, datetime) and moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)  # AMQP timestamps are UTC
+        found.append(
+            Death(
+                queue=text(entry.get("queue")),
+                reason=text(entry.get("reason")),
+                time=moment if isinstance(moment, datetime) else None,
+            )
+        )
+    return found
 
 
 def text(value: Any) -> str:
@@ -210,8 +258,13 @@ def dead_letter_headers(
     last_status: str,
     detail: str,
     handler_errors: int = 0,
+    dead_lettered_at: datetime | None = None,
 ) -> dict[str, Any]:
-    """Headers of a dead-letter copy: the publisher's headers plus why it ended there."""
+    """Headers of a dead-letter copy: the publisher's headers plus why it ended there.
+
+    ``dead_lettered_at`` is now unless the message was dead-lettered earlier (by the broker,
+    whose ``x-death`` says when).
+    """
     headers, dropped = carried(original)
     with_dropped(headers, original, dropped)
     published = published_at_ms(original)
@@ -223,7 +276,7 @@ def dead_letter_headers(
             REASON: reason,
             ATTEMPTS: attempts,
             LAST_STATUS: last_status,
-            DEAD_LETTERED_AT: datetime.now(UTC).isoformat(timespec="seconds"),
+            DEAD_LETTERED_AT: (dead_lettered_at or datetime.now(UTC)).isoformat(timespec="seconds"),
             DETAIL: detail[:MAX_DETAIL_CHARS] + dropped_note(headers),
         }
     )
@@ -239,3 +292,24 @@ def replay_headers(original: Mapping[str, Any] | None) -> dict[str, Any]:
     with_dropped(headers, original, dropped)
     headers[PUBLISHED_AT] = now_ms()
     return headers
+
+
+def without_broker_headers(original: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Headers of a message moved between Hookline's own queues (a dead letter replaced by
+    a fresh copy, a message carried over by ``upgrade-queues``): all of them, ``hookline-*``
+    included, except the broker's ``x-`` ones. A copied ``x-death`` makes RabbitMQ drop the
+    message as a dead-letter loop, and a copied ``x-delivery-count`` would mean nothing.
+    Values that would not survive re-encoding are left out and named, as in :func:`carried`.
+    """
+    kept: dict[str, Any] = {}
+    dropped: list[str] = []
+    for name, value in (original or {}).items():
+        if not isinstance(name, str) or name.lower().startswith("x-"):
+            continue
+        portable = _portable(value)
+        if _survives_reencoding(name, portable):
+            kept[name] = portable
+        else:
+            dropped.append(name)
+    with_dropped(kept, original, dropped)
+    return kept

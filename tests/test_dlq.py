@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import pty
+import re
 import signal
 import sys
 import time
@@ -38,16 +39,26 @@ from tests.conftest import (
     make_document,
     make_settings,
     run_python,
+    write_config,
 )
 from tests.helpers import (
     TERMINAL_ATTACK,
     amqp_field_values,
     assert_terminal_safe,
+    peek_all,
     put_raw_dead_letter,
+    queue_policy,
+    strand_in_earlier_tier,
 )
 from worker import dlq
 from worker.settings import Settings
-from worker.topology import dead_letter_queue, endpoint_queue
+from worker.topology import (
+    dead_letter_overflow_queue,
+    dead_letter_queue,
+    delay_queue,
+    endpoint_queue,
+    inspect_queue,
+)
 
 
 @dataclass
@@ -487,3 +498,180 @@ def test_any_header_table_exports_as_strict_json(table: dict[str, Any]) -> None:
     assert strict_json(line).keys() == table.keys()
     special = {"n": float("nan"), "i": float("inf"), "m": float("-inf"), "d": Decimal("NaN")}
     assert dlq._plain(special) == {"n": "NaN", "i": "Infinity", "m": "-Infinity", "d": "NaN"}
+
+
+# Delivery limits: nothing vanishes, and the tools never push a letter over one.
+
+
+def regex(name: str) -> str:
+    """``name`` as a literal in a policy pattern."""
+    return re.escape(name)
+
+
+async def requeue_until_dead_lettered(broker: Broker, exchange: str, queue: str) -> int:
+    """Take a message from ``queue`` and give it back (nack, requeue) until the broker
+    dead-letters it for its delivery limit; returns how often it was given back."""
+    channel = await broker.channel()
+    given_back = 0
+    already = await broker.depth(dead_letter_queue(exchange))
+    try:
+        work = await channel.declare_queue(queue, passive=True)
+        deadline = time.monotonic() + 15
+        while await broker.depth(dead_letter_queue(exchange)) == already:
+            assert time.monotonic() < deadline, "the broker never dead-lettered it"
+            message = await work.get(no_ack=False, fail=False)
+            if message is not None:
+                await message.nack(requeue=True)
+                given_back += 1
+            await asyncio.sleep(0.02)
+    finally:
+        await channel.close()
+    return given_back
+
+
+async def test_event_over_a_delivery_limit_is_dead_lettered_listed_and_replayable(
+    declared: Settings, exchange_name: str, broker: Broker, tmp_path: Path
+) -> None:
+    """With a delivery-limit policy on the work queue, an event given back too often lands
+    in the dead-letter queue (not dropped); `dlq list --json` shows it with reason
+    delivery_limit, its endpoint (from the x-death queue), attempts from hookline-attempts
+    and the broker's time; replay sends it back to its endpoint without the broker's headers."""
+    work_queue = endpoint_queue(exchange_name, "a")
+    async with queue_policy(
+        f"{exchange_name}-limit", f"^{regex(exchange_name)}\\.endpoint\\.", {"delivery-limit": 2}
+    ):
+        event_id, body = build_body("to.a", {"n": 1}, event_id="limited-1")
+        await broker.publish(
+            exchange_name, "to.a", body, message_id=event_id, headers={"hookline-attempts": 2}
+        )
+        await broker.wait_depth(work_queue, 1)
+        assert await requeue_until_dead_lettered(broker, exchange_name, work_queue) >= 3
+    code, out, err = await run_cli(declared, tmp_path, "list", "--json")
+    assert code == 0, err
+    [row] = [json.loads(line) for line in out.splitlines()]
+    fields = (row["event_id"], row["event_type"], row["endpoint"], row["reason"])
+    assert fields == ("limited-1", "to.a", "a", "delivery_limit")
+    assert row["attempts"] == "2"
+    moment = datetime.fromisoformat(row["dead_lettered_at"])
+    assert abs((datetime.now(UTC) - moment).total_seconds()) < 60
+    assert work_queue in row["detail"]
+    selected = await dlq.list_dead_letters(
+        declared, dlq.Selection(endpoint="a", reason="delivery_limit")
+    )
+    assert [letter.event_id for letter in selected] == ["limited-1"]
+
+    report = await dlq.replay(declared, dlq.Selection(reason="delivery_limit"))
+    assert [letter.event_id for letter in report.replayed] == ["limited-1"]
+    [replayed] = await broker.drain(work_queue)
+    assert replayed.body == body
+    copied = [name for name in replayed.headers or {} if name != "x-delivery-count"]
+    assert not [name for name in copied if name.startswith(("x-", "hookline-"))], copied
+    await broker.wait_depth(dead_letter_queue(exchange_name), 0)
+
+
+async def test_repeated_reads_never_push_a_dead_letter_toward_a_delivery_limit(
+    declared: Settings, exchange_name: str, broker: Broker
+) -> None:
+    """Every list returns what it read, which a quorum queue counts as a delivery. A letter
+    read with a count of REFRESH_AT_DELIVERY_COUNT is replaced by a fresh copy (same body and
+    headers), so twelve lists leave no count above it."""
+    ids = await put_dead_letters(broker, exchange_name, 3, reason="no_retry_status")
+    dead_letter = dead_letter_queue(exchange_name)
+    for _ in range(12):
+        await broker.wait_depth(dead_letter, 3)
+        letters = await dlq.list_dead_letters(declared)
+        assert sorted(letter.event_id for letter in letters) == ids
+    await broker.wait_depth(dead_letter, 3)
+    messages = await broker.drain(dead_letter)
+    counts = [int((m.headers or {}).get("x-delivery-count", 0)) for m in messages]
+    assert max(counts) <= dlq.REFRESH_AT_DELIVERY_COUNT, counts
+    assert {str((m.headers or {})["hookline-reason"]) for m in messages} == {"no_retry_status"}
+    assert {str((m.headers or {})["hookline-detail"]) for m in messages} == {"test"}
+
+
+async def test_fresh_copy_of_a_broker_dead_letter_keeps_what_x_death_said(
+    declared: Settings, exchange_name: str, broker: Broker
+) -> None:
+    """A fresh copy carries no x- headers, so what the broker's x-death said about a letter
+    it dead-lettered (endpoint, reason, time) is written into hookline-* headers: the copy
+    lists the same, and replays the same."""
+    work_queue = endpoint_queue(exchange_name, "a")
+    async with queue_policy(
+        f"{exchange_name}-limit", f"^{regex(exchange_name)}\\.endpoint\\.", {"delivery-limit": 1}
+    ):
+        event_id, body = build_body("to.a", {"n": 1}, event_id="limited-1")
+        await broker.publish(exchange_name, "to.a", body, message_id=event_id)
+        await broker.wait_depth(work_queue, 1)
+        await requeue_until_dead_lettered(broker, exchange_name, work_queue)
+    dead_letter = dead_letter_queue(exchange_name)
+    [before] = await dlq.list_dead_letters(declared)
+    for _ in range(dlq.REFRESH_AT_DELIVERY_COUNT + 1):
+        await broker.wait_depth(dead_letter, 1)
+        assert await dlq.list_dead_letters(declared) == [before]
+    await broker.wait_depth(dead_letter, 1)
+    [copy] = await peek_all(broker, dead_letter)
+    found = copy.headers or {}
+    assert "x-death" not in found and copy.body == body
+    assert (found["hookline-reason"], found["hookline-endpoint"]) == ("delivery_limit", "a")
+    assert found["hookline-dead-lettered-at"] == before.dead_lettered_at
+    assert [letter.event_id for letter in (await dlq.replay(declared)).replayed] == ["limited-1"]
+    await broker.wait_depth(work_queue, 1)
+
+
+async def test_low_delivery_limit_on_the_dead_letter_queue_loses_nothing(
+    declared: Settings, exchange_name: str, broker: Broker
+) -> None:
+    """A policy limit of 1 on the dead-letter queue pushes letters out after two lists;
+    they wait in the overflow queue and the next command moves them back, so every list
+    shows all of them."""
+    dead_letter = dead_letter_queue(exchange_name)
+    overflow = dead_letter_overflow_queue(exchange_name)
+    ids = await put_dead_letters(broker, exchange_name, 5)
+    overflowed = 0
+    async with queue_policy(
+        f"{exchange_name}-dlq-limit", f"^{regex(dead_letter)}$", {"delivery-limit": 1}
+    ):
+        for _ in range(6):
+            await eventually(lambda: _holding(broker, [dead_letter, overflow], 5))
+            inspected = await inspect_queue(broker.connection, overflow)
+            overflowed = max(overflowed, inspected[0] if inspected is not None else 0)
+            letters = await dlq.list_dead_letters(declared)
+            assert sorted(letter.event_id for letter in letters) == ids
+    assert overflowed == 5, "the limit should have pushed every letter into the overflow queue"
+    await eventually(lambda: _holding(broker, [dead_letter, overflow], 5))
+    code_ids = {letter.event_id for letter in await dlq.list_dead_letters(declared)}
+    assert code_ids == set(ids)
+
+
+async def _holding(broker: Broker, queues: list[str], count: int) -> bool:
+    found = [await inspect_queue(broker.connection, name) for name in queues]
+    return sum(inspected[0] for inspected in found if inspected is not None) == count
+
+
+async def test_retire_empties_delay_tiers_of_an_earlier_schedule(
+    tmp_path: Path, exchange_name: str, receiver: Receiver, run_worker: RunWorker, broker: Broker
+) -> None:
+    """Events waiting in a tier of an earlier retry.delays_s schedule are found through the
+    delay-tier manifest: retire moves them too and deletes that tier's queue, which would
+    otherwise expire them into a deleted work queue."""
+    _, after = await strand_in_earlier_tier(broker, run_worker, receiver, exchange_name, 3)
+    removed = {**after, "endpoints": [e for e in after["endpoints"] if e["name"] != "gone"]}
+    config = write_config(tmp_path, removed)
+    code, out, err = await run_python(
+        "-m", "worker", "dlq", "retire", "--config", str(config), "--endpoint", "gone"
+    )
+    assert (code, out.strip()) == (
+        0,
+        "3 moved to the dead-letter queue (reason endpoint_removed)",
+    ), err
+    old_tier = delay_queue(exchange_name, "gone", 60)
+    gone = [
+        old_tier,
+        delay_queue(exchange_name, "gone", 0.2),
+        endpoint_queue(exchange_name, "gone"),
+    ]
+    for name in gone:
+        assert await inspect_queue(broker.connection, name) is None, name
+    letters = await broker.drain(dead_letter_queue(exchange_name))
+    assert sorted(m.message_id or "" for m in letters) == [f"stranded-{n}" for n in range(3)]
+    assert all(old_tier in str((m.headers or {})["hookline-detail"]) for m in letters)

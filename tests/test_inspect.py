@@ -16,7 +16,12 @@ from tests.conftest import (
     run_python,
     write_config,
 )
-from tests.helpers import TERMINAL_ATTACK, assert_terminal_safe, put_raw_dead_letter
+from tests.helpers import (
+    TERMINAL_ATTACK,
+    assert_terminal_safe,
+    put_raw_dead_letter,
+    strand_in_earlier_tier,
+)
 from worker.settings import settings_from_document
 from worker.topology import dead_letter_queue
 
@@ -114,3 +119,17 @@ async def test_status_table_shows_header_text_as_text(
     finally:
         await channel.close()
         await broker.delete_all(settings)
+
+
+async def test_status_shows_delay_tiers_of_an_earlier_schedule(
+    tmp_path: Path, exchange_name: str, receiver: Receiver, run_worker: RunWorker, broker: Broker
+) -> None:
+    """After retry.delays_s changed, the tiers of the earlier schedule still hold events
+    that will come back: status shows them beside the configured ones."""
+    _, after = await strand_in_earlier_tier(broker, run_worker, receiver, exchange_name, 3)
+    config = write_config(tmp_path, after)
+    code, out = await status(config, "--json", "--worker", "http://127.0.0.1:9")
+    assert code == 0, out
+    gone, keep = json.loads(out)["endpoints"]
+    assert gone["retry_tiers"] == {"200ms": 0, "60s": 3}
+    assert keep["retry_tiers"] == {"200ms": 0, "60s": 0}

@@ -167,8 +167,8 @@ def report(fault: str, **figures: object) -> None:
 
 async def queues_empty(broker: Broker, settings: Settings) -> bool:
     for name in queue_names(settings):
-        if name.endswith(".dead-letter") or name.endswith(".unrouted"):
-            continue
+        if name.endswith((".dead-letter", ".unrouted", ".delay-tiers")):
+            continue  # .delay-tiers holds the delay-tier manifest, never events
         if await broker.depth(name):
             return False
     return True

@@ -2,25 +2,52 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import aio_pika
 import pytest
+from structlog.testing import capture_logs
 
-from tests.conftest import Broker, endpoint, eventually, make_settings
+from tests.conftest import (
+    Broker,
+    Receiver,
+    RunWorker,
+    endpoint,
+    eventually,
+    make_settings,
+    publish_events,
+)
+from tests.helpers import strand_in_earlier_tier
 from worker.exceptions import TopologyConflict
+from worker.settings import settings_from_document
 from worker.topology import (
+    count_waiting,
+    dead_letter_overflow_queue,
     dead_letter_queue,
+    dead_letter_queue_arguments,
     declare_all,
     delay_label,
     delay_queue,
+    delay_tier_manifest_queue,
+    endpoint_of_work_queue,
     endpoint_queue,
+    known_delay_tiers,
+    legacy_dead_letter_queue_arguments,
+    legacy_work_queue_arguments,
     queue_names,
+    record_delay_tiers,
     unrouted_queue,
+    work_queue_arguments,
 )
 
 
 def test_names_follow_the_contract() -> None:
-    """Every queue is '<exchange>.<...>'; dead letters go to exactly '<exchange>.dead-letter'."""
+    """Every queue is '<exchange>.<...>'; dead letters go to exactly '<exchange>.dead-letter',
+    with its overflow queue and the delay-tier manifest beside it."""
     assert dead_letter_queue("webhooks") == "webhooks.dead-letter"
+    assert dead_letter_overflow_queue("webhooks") == "webhooks.dead-letter.overflow"
+    assert delay_tier_manifest_queue("webhooks") == "webhooks.delay-tiers"
     assert endpoint_queue("webhooks", "billing") == "webhooks.endpoint.billing"
     assert delay_queue("webhooks", "billing", 30) == "webhooks.endpoint.billing.delay.30s"
     assert delay_label(0.25) == "250ms"
@@ -30,6 +57,8 @@ def test_names_follow_the_contract() -> None:
     )
     assert queue_names(settings) == [
         "wh.dead-letter",
+        "wh.dead-letter.overflow",
+        "wh.delay-tiers",
         "wh.unrouted",
         "wh.endpoint.a",
         "wh.endpoint.a.delay.1s",
@@ -41,17 +70,19 @@ def test_names_follow_the_contract() -> None:
 async def test_declare_twice_is_idempotent(
     broker: Broker, exchange_name: str, queue_type: str
 ) -> None:
-    """Workers can start in any number and order: declaring again changes nothing."""
+    """Workers can start in any number and order: declaring again changes nothing (the
+    delay-tier manifest holds one message, the recorded tiers)."""
     settings = make_settings(
         exchange_name,
         [endpoint("a", "http://127.0.0.1/", ["x.*"])],
         broker={"queue_type": queue_type},
     )
+    manifest = delay_tier_manifest_queue(exchange_name)
     try:
         for _ in range(2):
             await broker.declare(settings)
         for name in queue_names(settings):
-            assert await broker.depth(name) == 0
+            assert await broker.depth(name) == (1 if name == manifest else 0)
     finally:
         await broker.delete_all(settings)
 
@@ -114,3 +145,119 @@ async def test_unrouted_events_from_other_clients_are_kept_bounded(
         assert messages[0].routing_key == "nobody.listens"
     finally:
         await broker.delete_all(settings)
+
+
+def test_work_queue_names_are_recognised_in_broker_headers() -> None:
+    """The endpoint a broker dead letter came from is read off its x-death queue name: work
+    queues only, never delay queues or the dead-letter queue, whatever the exchange name."""
+    assert endpoint_of_work_queue("wh.endpoint.billing") == "billing"
+    assert endpoint_of_work_queue("a.b.endpoint.billing", "a.b") == "billing"
+    assert endpoint_of_work_queue("a.b.endpoint.billing", "a") is None
+    others = [
+        "wh.endpoint.billing.delay.30s",
+        "wh.endpoint.billing.upgrading",
+        "wh.dead-letter",
+        "wh.endpoint.Bad",
+        "endpoint.x",
+        "wh",
+        "",
+    ]
+    assert [endpoint_of_work_queue(name) for name in others] == [None] * len(others)
+
+
+async def test_queues_of_an_earlier_hookline_are_used_as_they_are_with_one_warning(
+    broker: Broker, exchange_name: str
+) -> None:
+    """A work queue and dead-letter queue declared by Hookline 0.1.0 (no dead-letter
+    exchange) cannot take the new arguments: declaring falls back to theirs, warns once per
+    queue naming it and the upgrade command, and leaves them untouched."""
+    settings = make_settings(exchange_name, [endpoint("a", "http://127.0.0.1/", ["x.*"])])
+    old = [
+        (dead_letter_queue(exchange_name), legacy_dead_letter_queue_arguments(settings)),
+        (endpoint_queue(exchange_name, "a"), legacy_work_queue_arguments(settings)),
+    ]
+    channel = await broker.channel()
+    try:
+        for name, arguments in old:
+            await channel.declare_queue(name, durable=True, arguments=arguments)
+        with capture_logs() as logs:
+            for _ in range(2):
+                await declare_all(channel, settings)
+        warned = [entry for entry in logs if entry["event"] == "queue_needs_upgrade"]
+        assert sorted(entry["queue"] for entry in warned) == sorted(name for name, _ in old)
+        assert all("upgrade-queues" in entry["command"] for entry in warned)
+        for name, arguments in old:
+            await channel.declare_queue(name, durable=True, arguments=arguments)
+        assert not channel.is_closed
+    finally:
+        await channel.close()
+        await broker.delete_all(settings)
+
+
+async def test_new_queues_get_dead_letter_exchanges(broker: Broker, exchange_name: str) -> None:
+    """A fresh declare gives the work queue a dead-letter exchange into the dead-letter
+    queue, and the dead-letter queue one into its overflow queue: redeclaring with those
+    arguments is accepted, and nothing warns."""
+    settings = make_settings(exchange_name, [endpoint("a", "http://127.0.0.1/", ["x.*"])])
+    try:
+        with capture_logs() as logs:
+            await broker.declare(settings)
+        assert not [entry for entry in logs if entry["event"] == "queue_needs_upgrade"]
+        channel = await broker.channel()
+        await channel.declare_queue(
+            endpoint_queue(exchange_name, "a"),
+            durable=True,
+            arguments=work_queue_arguments(settings),
+        )
+        await channel.declare_queue(
+            dead_letter_queue(exchange_name),
+            durable=True,
+            arguments=dead_letter_queue_arguments(settings),
+        )
+        assert work_queue_arguments(settings)["x-dead-letter-routing-key"] == dead_letter_queue(
+            exchange_name
+        )
+        assert dead_letter_queue_arguments(settings)[
+            "x-dead-letter-routing-key"
+        ] == dead_letter_overflow_queue(exchange_name)
+        await channel.close()
+    finally:
+        await broker.delete_all(settings)
+
+
+async def test_concurrent_tier_records_all_survive(broker: Broker, exchange_name: str) -> None:
+    """Workers with different schedules recording their delay tiers at the same moment:
+    the manifest ends up with every tier (a grow-only union), in one message once read."""
+    schedules = [[0.1 * n, 30] for n in range(1, 9)]
+    everything = [
+        make_settings(
+            exchange_name, [endpoint("a", "http://127.0.0.1/", ["x.*"])], retry={"delays_s": delays}
+        )
+        for delays in schedules
+    ]
+    channels = [await broker.channel() for _ in everything]
+    try:
+        await asyncio.gather(
+            *(record_delay_tiers(c, s) for c, s in zip(channels, everything, strict=True))
+        )
+        known = await known_delay_tiers(broker.connection, everything[0])
+        assert known == tuple(sorted({round(0.1 * n, 1) for n in range(1, 9)} | {30}))
+        assert await broker.depth(delay_tier_manifest_queue(exchange_name)) == 1
+    finally:
+        for channel in channels:
+            await channel.close()
+        await broker.delete_all(everything[0])
+
+
+async def test_count_waiting_includes_every_recorded_tier(
+    exchange_name: str, receiver: Receiver, run_worker: RunWorker, broker: Broker
+) -> None:
+    """What waits for an endpoint: its work queue plus every delay tier recorded for the
+    exchange, an earlier schedule's included (for the endpoint_removed log line)."""
+    _, after = await strand_in_earlier_tier(broker, run_worker, receiver, exchange_name, 3)
+    await publish_events(exchange_name, 2, "gone.event", "queued")
+    settings = settings_from_document(after, Path("after.yaml"), {})
+    await broker.wait_depth(endpoint_queue(exchange_name, "gone"), 2)
+    assert await count_waiting(broker.connection, settings, "gone") == 5
+    assert await count_waiting(broker.connection, settings, "keep") == 0
+    assert await count_waiting(broker.connection, settings, "never-declared") == 0

@@ -20,6 +20,7 @@ from worker.sendtest import run_send_test
 from worker.service import Worker
 from worker.settings import Settings, load_settings
 from worker.topology import dead_letter_queue, delay_queue, endpoint_queue
+from worker.upgrade import run_upgrade
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -46,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     send_test = command("send-test", "POST a signed hookline.test event to one endpoint")
     send_test.add_argument("--endpoint", required=True, help="the endpoint's name")
+    command(
+        "upgrade-queues",
+        "recreate queues an earlier Hookline declared without today's arguments, keeping "
+        "every message (stop the workers first)",
+    )
     cli_dlq.add_commands(commands)
     return parser
 
@@ -73,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = run_status(settings, args)
     elif args.command == "send-test":
         command = run_send_test(settings, args.endpoint)
+    elif args.command == "upgrade-queues":
+        command = run_upgrade(settings)
     else:
         command = cli_dlq.run_dlq(settings, args)
     try:

@@ -1,4 +1,9 @@
-"""Polling queue depths from the broker into gauges and a snapshot for the status page."""
+"""Polling queue depths from the broker into gauges and a snapshot for the status page.
+
+Dead letters are those in the dead-letter queue and in its overflow queue. Events waiting
+for a retry are those in every delay tier recorded for the exchange, earlier schedules'
+included: they still expire into the endpoint's queue.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractConnection, AbstractRobustConnection
 
 from worker.metrics import Metrics
 from worker.retry import delay_tiers
 from worker.settings import Settings
-from worker.topology import dead_letter_queue, delay_queue, endpoint_queue, unrouted_queue
+from worker.topology import (
+    dead_letter_overflow_queue,
+    dead_letter_queue,
+    delay_queue,
+    endpoint_queue,
+    endpoint_queue_names,
+    inspect_queues,
+    known_delay_tiers,
+    unrouted_queue,
+)
 
 log = structlog.get_logger("hookline.depths")
 
@@ -46,12 +60,7 @@ async def poll_depths(
     while not stop.is_set():
         settings = current_settings()
         try:
-            # A fresh channel each time: a failed passive declare closes its channel.
-            channel = await connection.channel()
-            try:
-                await _poll_once(channel, settings, metrics, depths)
-            finally:
-                await channel.close()
+            await _poll_once(connection, settings, metrics, depths)
         except Exception as exc:  # noqa: BLE001 - a missed poll only leaves gauges stale
             log.info("queue_depth_poll_skipped", error=exc.__class__.__name__)
         with contextlib.suppress(TimeoutError):
@@ -59,19 +68,42 @@ async def poll_depths(
 
 
 async def _poll_once(
-    channel: AbstractChannel, settings: Settings, metrics: Metrics, depths: QueueDepths
+    connection: AbstractConnection, settings: Settings, metrics: Metrics, depths: QueueDepths
 ) -> None:
     exchange = settings.broker.exchange
-    dead_letter = await _depth(channel, dead_letter_queue(exchange))
-    unrouted = await _depth(channel, unrouted_queue(exchange))
+    configured = set(delay_tiers(settings.retry))
+    known = await known_delay_tiers(connection, settings)
+    names = [
+        dead_letter_queue(exchange),
+        dead_letter_overflow_queue(exchange),
+        unrouted_queue(exchange),
+    ]
+    for endpoint in settings.endpoints:
+        names += endpoint_queue_names(settings, endpoint.name, known)
+    found = await inspect_queues(connection, names)
+
+    def ready(name: str, *, required: bool = True) -> int:
+        inspected = found[name]
+        if inspected is None:
+            if required:
+                raise LookupError(f"{name} is missing")
+            return 0
+        return inspected[0]
+
+    dead_letter = ready(dead_letter_queue(exchange)) + ready(
+        dead_letter_overflow_queue(exchange), required=False
+    )
+    unrouted = ready(unrouted_queue(exchange))
     backlog: dict[str, int] = {}
     retry_waiting: dict[str, int] = {}
     for endpoint in settings.endpoints:
         name = endpoint.name
-        backlog[name] = await _depth(channel, endpoint_queue(exchange, name))
-        retry_waiting[name] = 0
-        for delay in delay_tiers(settings.retry):
-            retry_waiting[name] += await _depth(channel, delay_queue(exchange, name, delay))
+        backlog[name] = ready(endpoint_queue(exchange, name))
+        # An earlier schedule's tier may never have existed for this endpoint.
+        retry_waiting[name] = sum(
+            ready(delay_queue(exchange, name, delay), required=delay in configured)
+            for delay in known
+        )
     metrics.dead_letter_depth.set(dead_letter)
     metrics.unrouted_depth.set(unrouted)
     for name, count in backlog.items():
@@ -80,8 +112,3 @@ async def _poll_once(
     depths.dead_letter, depths.unrouted = dead_letter, unrouted
     depths.backlog, depths.retry_waiting = backlog, retry_waiting
     depths.polled_at = time.time()
-
-
-async def _depth(channel: AbstractChannel, name: str) -> int:
-    queue = await channel.declare_queue(name, passive=True)
-    return int(queue.declaration_result.message_count or 0)

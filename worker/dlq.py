@@ -5,6 +5,18 @@ not act on return to the queue when its channel closes, so an interrupted comman
 nothing. A message leaves the queue only after its new home holds it: the broker confirmed
 the replayed copy, or the exported line was written and fsynced. An interruption between
 the two leaves a duplicate (in the endpoint's queue, or in the file), never a gap.
+
+Each return counts as a delivery on a quorum queue (``x-delivery-count``), and a message
+over a delivery limit is dead-lettered (RabbitMQ 4.0-4.2 default to 20 and count every
+return). So the tools keep the counts low: a message they return with a count of
+``REFRESH_AT_DELIVERY_COUNT`` or more is replaced by a fresh copy (confirmed, then the
+original acked), and every command first moves whatever a lower limit (a policy) pushed
+into ``<exchange>.dead-letter.overflow`` back into the dead-letter queue, as fresh copies.
+
+Dead letters come from two places. The worker writes its own, with ``hookline-*`` headers
+saying why. The broker dead-letters a message from an endpoint's work queue when it is over
+a delivery limit: that letter carries the broker's ``x-death`` instead, from which the tools
+read the endpoint (the queue's name), the reason (``delivery_limit``) and the time.
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
@@ -35,14 +48,17 @@ from producer.publisher import publish_confirmed
 from worker.outcomes import Reason
 from worker.ratelimit import TokenBucket
 from worker.recorder import Recorder, copy_message, settle
-from worker.retry import delay_tiers
 from worker.settings import Settings
 from worker.topology import (
+    dead_letter_overflow_queue,
+    dead_letter_queue,
     declare_all,
     declare_dead_letter_queue,
-    delay_queue,
+    endpoint_of_work_queue,
     endpoint_queue,
+    endpoint_queue_names,
     inspect_queue,
+    known_delay_tiers,
 )
 
 # Exported lines are fsynced, then their messages acked, in batches of this many. Kept
@@ -51,6 +67,11 @@ from worker.topology import (
 EXPORT_BATCH = 16
 
 Progress = Callable[[int, int], None]  # (messages looked at, messages in the queue)
+
+# A dead letter a command returns to the queue is replaced by a fresh copy once it has been
+# returned this often: far below the delivery limit of 20 that RabbitMQ 4.0-4.2 apply to
+# quorum queues by default, and rare enough to cost little.
+REFRESH_AT_DELIVERY_COUNT = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +86,9 @@ class DeadLetter:
     detail: str
 
     @classmethod
-    def from_message(cls, message: AbstractIncomingMessage) -> DeadLetter:
+    def from_message(
+        cls, message: AbstractIncomingMessage, exchange: str | None = None
+    ) -> DeadLetter:
         found = message.headers or {}
 
         def header(name: str) -> str:
@@ -73,6 +96,21 @@ class DeadLetter:
             return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
         event_id, event_type = _id_and_type(message.body)
+        death = broker_dead_lettering(found, exchange)
+        if death is not None:
+            endpoint, from_queue = death
+            return cls(
+                event_id=event_id or message.message_id or "-",
+                event_type=event_type or "-",
+                endpoint=endpoint,
+                reason=from_queue.reason,
+                attempts=str(headers.attempts_made(found)),
+                last_status=header(headers.LAST_STATUS) or "none",
+                dead_lettered_at=(
+                    from_queue.time.isoformat(timespec="seconds") if from_queue.time else ""
+                ),
+                detail=f"dead-lettered by the broker from {from_queue.queue} ({from_queue.reason})",
+            )
         return cls(
             event_id=event_id or message.message_id or "-",
             event_type=event_type or "-",
@@ -128,6 +166,46 @@ def topic_matches(pattern: str, routing_key: str) -> bool:
         return bool(keys) and head in ("*", keys[0]) and match(rest, keys[1:])
 
     return match(pattern.split("."), routing_key.split("."))
+
+
+def broker_dead_lettering(
+    found: dict[str, Any], exchange: str | None = None
+) -> tuple[str, headers.Death] | None:
+    """(endpoint, death) when the broker dead-lettered this message from an endpoint's work
+    queue; None for the dead letters the worker writes (their copies carry no ``x-death``).
+
+    A letter the dead-letter queue itself pushed into the overflow queue has that death
+    first; the work queue's, if any, is further down the history.
+    """
+    for death in headers.deaths(found):
+        endpoint = endpoint_of_work_queue(death.queue, exchange)
+        if endpoint is not None:
+            return endpoint, death
+    return None
+
+
+def fresh_copy(message: AbstractIncomingMessage, exchange: str) -> aio_pika.Message:
+    """A copy of a dead letter to put back in the dead-letter queue, with no broker headers
+    (so its delivery count starts again). What the broker's ``x-death`` said about a letter
+    it dead-lettered is written into ``hookline-*`` headers, so the copy reads the same."""
+    found = message.headers or {}
+    death = broker_dead_lettering(found, exchange)
+    if death is None:
+        return copy_message(message, headers.without_broker_headers(found))
+    letter = DeadLetter.from_message(message, exchange)
+    return copy_message(
+        message,
+        headers.dead_letter_headers(
+            found,
+            endpoint=letter.endpoint,
+            reason=letter.reason,
+            attempts=headers.attempts_made(found),
+            last_status=letter.last_status,
+            detail=letter.detail,
+            handler_errors=headers.read_count(found, headers.HANDLER_ERRORS),
+            dead_lettered_at=death[1].time,
+        ),
+    )
 
 
 def _id_and_type(body: bytes) -> tuple[str | None, str | None]:
@@ -204,44 +282,112 @@ class ReplayReport:
     dry_run: bool = False
 
 
+class DeadLetterQueue:
+    """The dead-letter queue as one command sees it, on a confirm channel of its own."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        connection: AbstractRobustConnection,
+        channel: AbstractChannel,
+        queue: AbstractQueue,
+    ) -> None:
+        self.settings = settings
+        self.connection = connection
+        self.channel = channel
+        self.queue = queue
+        self._exchange = settings.broker.exchange
+        # Messages this command read and keeps whose delivery count is getting high.
+        self._to_refresh: list[AbstractIncomingMessage] = []
+
+    @property
+    def depth(self) -> int:
+        return int(self.queue.declaration_result.message_count or 0)
+
+    def letter(self, message: AbstractIncomingMessage) -> DeadLetter:
+        return DeadLetter.from_message(message, self._exchange)
+
+    def keep(self, message: AbstractIncomingMessage) -> None:
+        """``message`` stays in the queue: it returns when the channel closes, unless its
+        delivery count calls for a fresh copy (made when the command finishes)."""
+        if headers.delivery_count(message.headers) >= REFRESH_AT_DELIVERY_COUNT:
+            self._to_refresh.append(message)
+
+    async def put_back(self, message: AbstractIncomingMessage) -> None:
+        """Replace ``message`` by a fresh copy at the queue's tail: confirmed, then acked."""
+        await publish_confirmed(
+            self.channel.default_exchange,
+            fresh_copy(message, self._exchange),
+            dead_letter_queue(self._exchange),
+            self.settings.broker.publish_timeout_s,
+        )
+        await settle(message)
+
+    async def bring_back_overflow(self) -> int:
+        """Move every letter the queue dead-lettered into the overflow queue back in."""
+        overflow = await self.channel.declare_queue(
+            dead_letter_overflow_queue(self._exchange), passive=True
+        )
+        moved = 0
+        while (message := await overflow.get(no_ack=False, fail=False)) is not None:
+            await self.put_back(message)
+            moved += 1
+        if moved:
+            await self.queue.declare()  # the depth the commands read now counts them
+        return moved
+
+    async def refresh_kept(self) -> None:
+        # Done once the command has read everything, so a copy is never read twice.
+        for message in self._to_refresh:
+            await self.put_back(message)
+        self._to_refresh.clear()
+
+    async def matching(
+        self, selection: Selection, progress: Progress | None = None, *, keep_all: bool = False
+    ) -> AsyncIterator[tuple[AbstractIncomingMessage, DeadLetter]]:
+        """Unacked messages that match ``selection``, in one pass over the queue. Those that
+        do not match are kept; so are those that do when ``keep_all`` (read-only commands)."""
+        declared = self.depth
+        found = 0
+        for seen in range(1, declared + 1):
+            if selection.limit is not None and found >= selection.limit:
+                return
+            message = await self.queue.get(no_ack=False, fail=False)
+            if message is None:
+                return
+            letter = self.letter(message)
+            if selection.matches(letter):
+                found += 1
+                if keep_all:
+                    self.keep(message)
+                yield message, letter
+            else:
+                self.keep(message)
+            if progress is not None:
+                progress(seen, declared)
+
+
 @asynccontextmanager
-async def _dead_letter_queue(
-    settings: Settings,
-) -> AsyncIterator[tuple[AbstractRobustConnection, AbstractChannel, AbstractQueue]]:
+async def open_dead_letter_queue(settings: Settings) -> AsyncIterator[DeadLetterQueue]:
+    """The dead-letter queue with the overflow queue moved back into it; messages the
+    command kept are refreshed as needed when it finishes without an error."""
     connection = await connect(settings.broker, f"hookline-dlq {settings.broker.exchange}")
     try:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         queue = await declare_dead_letter_queue(channel, settings)
-        yield connection, channel, queue
+        dead_letters = DeadLetterQueue(settings, connection, channel, queue)
+        await dead_letters.bring_back_overflow()
+        yield dead_letters
+        await dead_letters.refresh_kept()
     finally:
         await connection.close()
-
-
-async def _matching(
-    queue: AbstractQueue, selection: Selection, progress: Progress | None = None
-) -> AsyncIterator[tuple[AbstractIncomingMessage, DeadLetter]]:
-    """Unacked messages that match ``selection``, in one pass over the queue."""
-    declared = queue.declaration_result.message_count or 0
-    found = 0
-    for seen in range(1, declared + 1):
-        if selection.limit is not None and found >= selection.limit:
-            return
-        message = await queue.get(no_ack=False, fail=False)
-        if message is None:
-            return
-        letter = DeadLetter.from_message(message)
-        if selection.matches(letter):
-            found += 1
-            yield message, letter
-        if progress is not None:
-            progress(seen, declared)
 
 
 async def list_dead_letters(
     settings: Settings, selection: Selection = Selection()
 ) -> list[DeadLetter]:
-    async with _dead_letter_queue(settings) as (_, _, queue):
-        return [letter async for _, letter in _matching(queue, selection)]
+    async with open_dead_letter_queue(settings) as dead_letters:
+        return [letter async for _, letter in dead_letters.matching(selection, keep_all=True)]
 
 
 async def replay(
@@ -261,12 +407,14 @@ async def replay(
     replayed: list[DeadLetter] = []
     skipped = 0
     pace = TokenBucket(rate_per_s) if rate_per_s else None
-    async with _dead_letter_queue(settings) as (_, channel, queue):
+    async with open_dead_letter_queue(settings) as dead_letters:
+        channel = dead_letters.channel
         if not dry_run:
             # Replay may run before any worker declared the endpoint queues.
             await declare_all(channel, settings)
-        async for message, letter in _matching(queue, selection, progress):
+        async for message, letter in dead_letters.matching(selection, progress):
             if letter.endpoint not in known:
+                dead_letters.keep(message)
                 skipped += 1
                 continue
             if not dry_run:
@@ -279,6 +427,8 @@ async def replay(
                     settings.broker.publish_timeout_s,
                 )
                 await settle(message)
+            else:
+                dead_letters.keep(message)
             replayed.append(letter)
     return ReplayReport(replayed=replayed, skipped_unknown_endpoint=skipped, dry_run=dry_run)
 
@@ -297,7 +447,7 @@ async def export(
     """
     exported = 0
     pending: list[AbstractIncomingMessage] = []
-    async with _dead_letter_queue(settings) as (_, _, queue):
+    async with open_dead_letter_queue(settings) as dead_letters:
         with path.open("a", encoding="utf-8") as archive:
 
             async def commit() -> None:
@@ -307,7 +457,7 @@ async def export(
                     await settle(message)
                 pending.clear()
 
-            async for message, _ in _matching(queue, selection, progress):
+            async for message, _ in dead_letters.matching(selection, progress):
                 archive.write(json.dumps(export_record(message), ensure_ascii=False) + "\n")
                 pending.append(message)
                 exported += 1
@@ -319,12 +469,12 @@ async def export(
 
 async def purge(settings: Settings, selection: Selection = Selection()) -> int:
     """Delete matching dead letters; returns how many."""
-    async with _dead_letter_queue(settings) as (_, _, queue):
+    async with open_dead_letter_queue(settings) as dead_letters:
         if selection == Selection():
-            result = await queue.purge()
+            result = await dead_letters.queue.purge()
             return int(result.message_count or 0)
         purged = 0
-        async for message, _ in _matching(queue, selection):
+        async for message, _ in dead_letters.matching(selection):
             if await settle(message):
                 purged += 1
         return purged
@@ -336,9 +486,9 @@ async def count_by_endpoint_and_reason(
     """Dead letters counted by (endpoint, reason) over at most ``scan_limit`` of them;
     returns the counts, how many were read, and how many the queue holds."""
     counts: Counter[tuple[str, str]] = Counter()
-    async with _dead_letter_queue(settings) as (_, _, queue):
-        total = int(queue.declaration_result.message_count or 0)
-        async for _, letter in _matching(queue, Selection(limit=scan_limit)):
+    async with open_dead_letter_queue(settings) as dead_letters:
+        total = dead_letters.depth
+        async for _, letter in dead_letters.matching(Selection(limit=scan_limit), keep_all=True):
             counts[(letter.endpoint, letter.reason)] += 1
     return counts, sum(counts.values()), total
 
@@ -347,17 +497,20 @@ async def retire(settings: Settings, endpoint: str) -> int:
     """Move what is left in a removed endpoint's queue and delay queues into the dead-letter
     queue (reason ``endpoint_removed``), then delete those queues; returns how many moved.
 
-    Delay queues are found by the current ``retry.delays_s`` and emptied first, since
-    they expire into the endpoint's queue. Refused while any worker still consumes it.
+    Delay queues are those of every delay tier ever recorded for the exchange (earlier
+    ``retry.delays_s`` schedules too), emptied first, since they expire into the endpoint's
+    queue. Refused while any worker still consumes it.
     """
     if endpoint in {configured.name for configured in settings.endpoints}:
         raise ValueError(f"endpoint {endpoint!r} is still configured; remove it and reload first")
     exchange = settings.broker.exchange
     work_queue = endpoint_queue(exchange, endpoint)
-    names = [delay_queue(exchange, endpoint, delay) for delay in delay_tiers(settings.retry)]
-    names.append(work_queue)
     moved = 0
-    async with _dead_letter_queue(settings) as (connection, channel, _):
+    async with open_dead_letter_queue(settings) as dead_letters:
+        connection, channel = dead_letters.connection, dead_letters.channel
+        # Read twice: a tier missed here would later expire into a deleted queue.
+        tiers = await known_delay_tiers(connection, settings, reads=2)
+        names = endpoint_queue_names(settings, endpoint, tiers)
         work = await inspect_queue(connection, work_queue)
         if work is not None and work[1] > 0:
             raise ValueError(

@@ -1,6 +1,8 @@
 """``python -m worker status``: one table of every endpoint, read from the broker.
 
-Queue depths, consumer counts, retry tiers and dead letters come from the broker. Circuit
+Queue depths, consumer counts, retry tiers and dead letters come from the broker. Retry
+tiers are those of the current ``retry.delays_s`` and, where their queues still hold on,
+those of every earlier schedule recorded in the exchange's delay-tier manifest. Circuit
 states live in each worker's memory, so they are read from the workers' ``/status.json``
 (``--worker URL``, by default this host's metrics port) and shown per worker count.
 """
@@ -22,7 +24,14 @@ from worker import dlq
 from worker.cli_dlq import printable, terminal_json
 from worker.retry import delay_tiers
 from worker.settings import Settings
-from worker.topology import delay_label, delay_queue, endpoint_queue, inspect_queue
+from worker.topology import (
+    delay_label,
+    delay_queue,
+    endpoint_queue,
+    endpoint_queue_names,
+    inspect_queues,
+    known_delay_tiers,
+)
 
 WORKER_TIMEOUT_S = 2.0
 
@@ -55,11 +64,18 @@ async def gather(
     reports = []
     connection = await connect(settings.broker, f"hookline-status {exchange}")
     try:
+        configured = set(delay_tiers(settings.retry))
+        known = await known_delay_tiers(connection, settings)
         for endpoint in settings.endpoints:
-            work = await inspect_queue(connection, endpoint_queue(exchange, endpoint.name))
+            found = await inspect_queues(
+                connection, endpoint_queue_names(settings, endpoint.name, known)
+            )
+            work = found[endpoint_queue(exchange, endpoint.name)]
             tiers: dict[str, int | None] = {}
-            for delay in delay_tiers(settings.retry):
-                tier = await inspect_queue(connection, delay_queue(exchange, endpoint.name, delay))
+            for delay in known:
+                tier = found[delay_queue(exchange, endpoint.name, delay)]
+                if tier is None and delay not in configured:
+                    continue  # an earlier schedule's tier this endpoint never had, or retired
                 tiers[delay_label(delay)] = tier[0] if tier is not None else None
             reports.append(EndpointReport(
                 name=endpoint.name,

@@ -2,25 +2,41 @@
 
 - ``<exchange>``: topic exchange producers publish to.
 - ``<exchange>.endpoint.<name>``: one work queue per endpoint, bound with its patterns,
-  so a slow endpoint only ever delays its own queue.
+  so a slow endpoint only ever delays its own queue. Its dead-letter exchange sends a
+  message the broker gives up on (over a delivery limit: RabbitMQ 4.x's default of 20, a
+  policy, an argument) into ``<exchange>.dead-letter`` instead of dropping it.
 - ``<exchange>.endpoint.<name>.delay.<delay>``: one delay queue per endpoint and delay;
   a message waits out the queue's TTL, then dead-letters back to the endpoint's queue
   through the default exchange. No consumer ever reads them.
 - ``<exchange>.dead-letter``: where deliveries end when they cannot succeed.
+- ``<exchange>.dead-letter.overflow``: where the dead-letter queue's own dead-lettering
+  goes, should a delivery limit ever apply to it (a policy); every tool that opens the
+  dead-letter queue first moves what is here back into it. It has no dead-letter exchange.
+- ``<exchange>.delay-tiers``: the manifest of every delay tier ever declared for the
+  exchange, so tools find delay queues of earlier ``retry.delays_s`` schedules too.
 - ``<exchange>.unrouted``: a bounded queue of events that matched no endpoint and were not
   published through the SDK (which gets them returned instead); see ``producer.exchange``.
 
-Work queues have no dead-letter exchange on purpose: RabbitMQ silently drops messages
-that dead-letter around a loop with no rejection in it, so retries are republished by the
-worker (with confirms) instead of routed by the broker.
+Retries are republished by the worker (with confirms), never routed round a loop by the
+broker: RabbitMQ silently drops messages that dead-letter around a loop with no rejection
+in it. The work queue's dead-letter exchange leads out of the loop, to the dead-letter
+queue, which leads to the overflow queue, which leads nowhere.
+
+Queues declared by Hookline 0.1.0 lack these dead-letter arguments, and arguments cannot
+change on an existing queue. Such a queue is used as it is, with a ``queue_needs_upgrade``
+warning, until ``python -m worker upgrade-queues`` recreates it (``worker.upgrade``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Iterable
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Iterable
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import aiormq
+import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 
 from producer.exchange import (
@@ -29,11 +45,20 @@ from producer.exchange import (
     returned_exchange,
     unrouted_exchange,
 )
-from worker.exceptions import TopologyConflict
+from worker.exceptions import NotConfirmed, TopologyConflict
 from worker.retry import delay_tiers
-from worker.settings import EndpointSettings, Settings
+from worker.settings import ENDPOINT_NAME_RE, EndpointSettings, Settings
 
 T = TypeVar("T")
+log = structlog.get_logger("hookline.topology")
+
+UPGRADE_COMMAND = "python -m worker upgrade-queues --config <config file>"
+# How long a second read of the delay-tier manifest waits for a concurrent merge.
+MANIFEST_REREAD_S = 0.25
+MANIFEST_PUBLISH_ATTEMPTS = 50
+MANIFEST_RETRY_S = 0.1
+# Queues already reported as needing an upgrade: the warning is logged once per process.
+_needs_upgrade_reported: set[str] = set()
 
 
 def endpoint_queue(exchange: str, endpoint: str) -> str:
@@ -57,8 +82,30 @@ def dead_letter_queue(exchange: str) -> str:
     return f"{exchange}.dead-letter"
 
 
+def dead_letter_overflow_queue(exchange: str) -> str:
+    return f"{dead_letter_queue(exchange)}.overflow"
+
+
+def delay_tier_manifest_queue(exchange: str) -> str:
+    return f"{exchange}.delay-tiers"
+
+
 def unrouted_queue(exchange: str) -> str:
     return f"{exchange}.unrouted"
+
+
+def endpoint_of_work_queue(queue: str, exchange: str | None = None) -> str | None:
+    """The endpoint whose work queue ``queue`` is, or None for any other queue.
+
+    Endpoint names have no dots, so ``<anything>.endpoint.<name>`` is a work queue and
+    delay queues (``....delay.<d>``) are not; ``exchange``, when known, must match too.
+    """
+    prefix, marker, name = ["", "", "", *queue.rsplit(".", 2)][-3:]
+    if not prefix or marker != "endpoint" or not ENDPOINT_NAME_RE.fullmatch(name):
+        return None
+    if exchange is not None and prefix != exchange:
+        return None
+    return name
 
 
 def exchange_names(exchange: str) -> list[str]:
@@ -70,7 +117,12 @@ def exchange_names(exchange: str) -> list[str]:
 def queue_names(settings: Settings) -> list[str]:
     """Every queue the worker declares for ``settings`` (for tools and for clean-up)."""
     exchange = settings.broker.exchange
-    names = [dead_letter_queue(exchange), unrouted_queue(exchange)]
+    names = [
+        dead_letter_queue(exchange),
+        dead_letter_overflow_queue(exchange),
+        delay_tier_manifest_queue(exchange),
+        unrouted_queue(exchange),
+    ]
     for endpoint in settings.endpoints:
         names.append(endpoint_queue(exchange, endpoint.name))
         names.extend(
@@ -81,6 +133,105 @@ def queue_names(settings: Settings) -> list[str]:
 
 def _type_arguments(settings: Settings) -> dict[str, Any]:
     return {"x-queue-type": settings.broker.queue_type}
+
+
+def _dead_lettering_into(settings: Settings, queue: str) -> dict[str, Any]:
+    arguments: dict[str, Any] = {
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": queue,
+    }
+    if settings.broker.queue_type == "quorum":
+        # Quorum queues can dead-letter at-least-once (the message leaves only once the
+        # target confirmed it, and waits while the target is missing); that needs
+        # reject-publish overflow. Classic queues only dead-letter at-most-once.
+        arguments["x-dead-letter-strategy"] = "at-least-once"
+        arguments["x-overflow"] = "reject-publish"
+    return arguments
+
+
+def work_queue_arguments(settings: Settings) -> dict[str, Any]:
+    """An endpoint's work queue: what the broker gives up on goes to the dead-letter queue."""
+    return {
+        **_type_arguments(settings),
+        **_dead_lettering_into(settings, dead_letter_queue(settings.broker.exchange)),
+    }
+
+
+def legacy_work_queue_arguments(settings: Settings) -> dict[str, Any]:
+    """A work queue as Hookline 0.1.0 declared it: no dead-letter exchange."""
+    return _type_arguments(settings)
+
+
+def dead_letter_queue_arguments(settings: Settings) -> dict[str, Any]:
+    """The dead-letter queue: what the broker gives up on goes to the overflow queue."""
+    return {
+        **_type_arguments(settings),
+        **_dead_lettering_into(settings, dead_letter_overflow_queue(settings.broker.exchange)),
+    }
+
+
+def legacy_dead_letter_queue_arguments(settings: Settings) -> dict[str, Any]:
+    """The dead-letter queue as Hookline 0.1.0 declared it: no dead-letter exchange."""
+    return _type_arguments(settings)
+
+
+def delay_queue_arguments(settings: Settings, endpoint: str, delay_s: float) -> dict[str, Any]:
+    """A delay queue: its TTL, then back to the endpoint's work queue (unchanged since 0.1.0)."""
+    return {
+        **_type_arguments(settings),
+        "x-message-ttl": round(delay_s * 1000),
+        **_dead_lettering_into(settings, endpoint_queue(settings.broker.exchange, endpoint)),
+    }
+
+
+@asynccontextmanager
+async def _side_channel(
+    channel: AbstractChannel, *, confirms: bool = False
+) -> AsyncIterator[aiormq.abc.AbstractChannel]:
+    """A short-lived channel on ``channel``'s connection, for operations that may close
+    their channel (a refused declare) or must not share delivery tags with a consumer."""
+    underlay = await channel.get_underlay_channel()
+    side = await underlay.connection.channel(publisher_confirms=confirms, on_return_raises=confirms)
+    try:
+        yield side
+    finally:
+        if not side.is_closed:
+            await side.close()
+
+
+async def accepts_arguments(channel: AbstractChannel, name: str, arguments: dict[str, Any]) -> bool:
+    """Declare ``name`` durable with ``arguments`` on a throwaway channel: False if the
+    queue exists with other arguments. Creates the queue if it does not exist."""
+    try:
+        async with _side_channel(channel) as side:
+            await side.queue_declare(name, durable=True, arguments=arguments)
+    except aiormq.exceptions.ChannelPreconditionFailed:
+        return False
+    return True
+
+
+async def _declare_upgradable(
+    channel: AbstractChannel, name: str, arguments: dict[str, Any], legacy: dict[str, Any]
+) -> AbstractQueue:
+    """Declare ``name`` with ``arguments``, or as it is if an earlier Hookline declared it
+    with ``legacy`` ones (reported once per queue): a worker keeps running on such a queue
+    until an operator upgrades it."""
+    if not await accepts_arguments(channel, name, arguments) and await accepts_arguments(
+        channel, name, legacy
+    ):
+        if name not in _needs_upgrade_reported:
+            _needs_upgrade_reported.add(name)
+            log.warning(
+                "queue_needs_upgrade",
+                queue=name,
+                command=UPGRADE_COMMAND,
+                hint="declared by an earlier Hookline without a dead-letter exchange: a "
+                "message over a delivery limit would be dropped; stop the workers and run "
+                "the command",
+            )
+        arguments = legacy
+    # Any other difference (another queue type) fails here, and is reported as a conflict.
+    return await channel.declare_queue(name, durable=True, arguments=arguments)
 
 
 async def _translating_conflicts(coro: Awaitable[T]) -> T:
@@ -117,9 +268,29 @@ async def declare_unrouted_queue(channel: AbstractChannel, settings: Settings) -
 
 
 async def declare_dead_letter_queue(channel: AbstractChannel, settings: Settings) -> AbstractQueue:
+    """The dead-letter queue, and before it the overflow queue it dead-letters into."""
+    exchange = settings.broker.exchange
+
+    async def declare() -> AbstractQueue:
+        await declare_dead_letter_overflow_queue(channel, settings)
+        return await _declare_upgradable(
+            channel,
+            dead_letter_queue(exchange),
+            dead_letter_queue_arguments(settings),
+            legacy_dead_letter_queue_arguments(settings),
+        )
+
+    return await _translating_conflicts(declare())
+
+
+async def declare_dead_letter_overflow_queue(
+    channel: AbstractChannel, settings: Settings
+) -> AbstractQueue:
+    # Terminal: no dead-letter exchange, so nothing can loop. It holds letters only until
+    # the next tool opens the dead-letter queue and moves them back as fresh copies.
     return await _translating_conflicts(
         channel.declare_queue(
-            dead_letter_queue(settings.broker.exchange),
+            dead_letter_overflow_queue(settings.broker.exchange),
             durable=True,
             arguments=_type_arguments(settings),
         )
@@ -137,29 +308,125 @@ async def _declare_endpoint(
     channel: AbstractChannel, settings: Settings, endpoint: EndpointSettings
 ) -> AbstractQueue:
     exchange = await declare_exchange(channel, settings.broker.exchange)
-    work_queue = endpoint_queue(settings.broker.exchange, endpoint.name)
-    queue = await channel.declare_queue(
-        work_queue, durable=True, arguments=_type_arguments(settings)
+    queue = await _declare_upgradable(
+        channel,
+        endpoint_queue(settings.broker.exchange, endpoint.name),
+        work_queue_arguments(settings),
+        legacy_work_queue_arguments(settings),
     )
     for pattern in endpoint.events:
         await queue.bind(exchange, routing_key=pattern)
+    # Recorded before they are declared, so no delay queue ever exists unrecorded.
+    await record_delay_tiers(channel, settings)
     for delay in delay_tiers(settings.retry):
-        arguments = {
-            **_type_arguments(settings),
-            "x-message-ttl": round(delay * 1000),
-            "x-dead-letter-exchange": "",
-            "x-dead-letter-routing-key": work_queue,
-        }
-        if settings.broker.queue_type == "quorum":
-            # Quorum queues can dead-letter at-least-once; classic ones only at-most-once.
-            arguments["x-dead-letter-strategy"] = "at-least-once"
-            arguments["x-overflow"] = "reject-publish"
         await channel.declare_queue(
             delay_queue(settings.broker.exchange, endpoint.name, delay),
             durable=True,
-            arguments=arguments,
+            arguments=delay_queue_arguments(settings, endpoint.name, delay),
         )
     return queue
+
+
+async def record_delay_tiers(channel: AbstractChannel, settings: Settings) -> tuple[float, ...]:
+    """Add the configured delay tiers to the exchange's manifest; returns every recorded one.
+
+    The manifest is a grow-only set kept in ``<exchange>.delay-tiers`` as JSON messages.
+    Merging takes every message there, publishes their union with a confirm, and only then
+    acks what it took. Concurrent merges are safe: union is commutative, and nothing is
+    acked before a union containing it is confirmed, so at worst the queue briefly holds
+    several messages, which the next merge folds into one.
+    """
+    return await _merge_delay_manifest(channel, settings, delay_tiers(settings.retry))
+
+
+async def known_delay_tiers(
+    connection: AbstractConnection, settings: Settings, *, reads: int = 1
+) -> tuple[float, ...]:
+    """Every delay tier recorded for the exchange plus the configured ones, ascending.
+
+    While another process holds the manifest's messages (a few milliseconds while it
+    merges), a read sees only part of it; ``reads`` > 1 reads again a moment later and
+    takes the union, for callers that must not miss a tier (``dlq retire``).
+    """
+    channel = await connection.channel()
+    try:
+        known = set(delay_tiers(settings.retry))
+        for read in range(reads):
+            if read:
+                await asyncio.sleep(MANIFEST_REREAD_S)
+            known.update(await _merge_delay_manifest(channel, settings, ()))
+    finally:
+        await channel.close()
+    return tuple(sorted(known))
+
+
+async def _merge_delay_manifest(
+    channel: AbstractChannel, settings: Settings, adding: Iterable[float]
+) -> tuple[float, ...]:
+    name = delay_tier_manifest_queue(settings.broker.exchange)
+    added = {round(delay * 1000) for delay in adding}  # as delay_label rounds them
+    recorded = set(added)
+    async with _side_channel(channel, confirms=True) as side:
+        if added:
+            await _translating_conflicts(
+                side.queue_declare(name, durable=True, arguments=_type_arguments(settings))
+            )
+        else:
+            try:  # a reader creates nothing
+                await side.queue_declare(name, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                return ()
+        # Publish first, and read only once the broker confirmed: a quorum queue that another
+        # client created a moment ago may not be running yet, and a basic.get then fails
+        # with INTERNAL_ERROR (noproc), which closes the whole connection (the worker's),
+        # whereas a publish is merely nacked. Our own message is taken back with the rest.
+        await _publish_manifest(side, name, added, settings)
+        last_tag: int | None = None
+        while (taken := await side.basic_get(name, no_ack=False)).delivery_tag is not None:
+            last_tag = taken.delivery_tag
+            recorded |= _manifest_delays_ms(taken.body)
+        # Always republished, even unchanged: returning a message (by closing the channel)
+        # would count as a delivery against a quorum queue's delivery limit.
+        if recorded:
+            await _publish_manifest(side, name, recorded, settings)
+        if last_tag is not None:
+            await side.basic_ack(last_tag, multiple=True)
+    return tuple(sorted(milliseconds / 1000 for milliseconds in recorded))
+
+
+async def _publish_manifest(
+    side: aiormq.abc.AbstractChannel, name: str, delays_ms: set[int], settings: Settings
+) -> None:
+    """Publish one manifest message and wait for the confirm, retrying while the broker
+    nacks it (a queue still starting)."""
+    body = json.dumps({"delays_ms": sorted(delays_ms)}).encode()
+    properties = aiormq.spec.Basic.Properties(delivery_mode=2, content_type="application/json")
+    for attempt in range(1, MANIFEST_PUBLISH_ATTEMPTS + 1):
+        try:
+            await side.basic_publish(
+                body,
+                routing_key=name,
+                properties=properties,
+                mandatory=True,
+                timeout=settings.broker.publish_timeout_s,
+            )
+            return
+        except aiormq.exceptions.DeliveryError:
+            if attempt == MANIFEST_PUBLISH_ATTEMPTS:
+                raise NotConfirmed(f"the broker refused the delay-tier manifest {name}") from None
+            await asyncio.sleep(MANIFEST_RETRY_S)
+
+
+def _manifest_delays_ms(body: bytes) -> set[int]:
+    """Delays in one manifest message; anything malformed contributes nothing."""
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        return set()
+    delays = document.get("delays_ms") if isinstance(document, dict) else None
+    if not isinstance(delays, list):
+        return set()
+    return {value for value in delays if type(value) is int and value > 0}
 
 
 async def declare_all(channel: AbstractChannel, settings: Settings) -> None:
@@ -191,3 +458,42 @@ async def inspect_queue(connection: AbstractConnection, name: str) -> tuple[int,
             await channel.close()
     result = queue.declaration_result
     return int(result.message_count or 0), int(result.consumer_count or 0)
+
+
+async def inspect_queues(
+    connection: AbstractConnection, names: Iterable[str]
+) -> dict[str, tuple[int, int] | None]:
+    """:func:`inspect_queue` for several queues, on one channel while they exist."""
+    found: dict[str, tuple[int, int] | None] = {}
+    channel: AbstractChannel | None = None
+    try:
+        for name in names:
+            if channel is None or channel.is_closed:
+                channel = await connection.channel()
+            try:
+                queue = await channel.declare_queue(name, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                found[name] = None  # and the broker closed the channel
+                continue
+            result = queue.declaration_result
+            found[name] = int(result.message_count or 0), int(result.consumer_count or 0)
+    finally:
+        if channel is not None and not channel.is_closed:
+            await channel.close()
+    return found
+
+
+def endpoint_queue_names(settings: Settings, endpoint: str, delays: Iterable[float]) -> list[str]:
+    """An endpoint's delay queues for ``delays``, then its work queue (the order to empty
+    them in: delay queues expire into the work queue)."""
+    exchange = settings.broker.exchange
+    names = [delay_queue(exchange, endpoint, delay) for delay in sorted(set(delays))]
+    return [*names, endpoint_queue(exchange, endpoint)]
+
+
+async def count_waiting(connection: AbstractConnection, settings: Settings, endpoint: str) -> int:
+    """Messages ready for ``endpoint`` anywhere: its work queue and every delay tier ever
+    recorded for the exchange (for the ``endpoint_removed`` log line)."""
+    tiers = await known_delay_tiers(connection, settings)
+    found = await inspect_queues(connection, endpoint_queue_names(settings, endpoint, tiers))
+    return sum(ready for ready, _ in filter(None, found.values()))
