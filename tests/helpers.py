@@ -10,7 +10,7 @@ import json
 import re
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -362,3 +362,12 @@ async def peek_all(broker: Broker, name: str) -> list[AbstractIncomingMessage]:
         return seen
     finally:
         await channel.close()
+
+
+def as_async(predicate: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    """A plain predicate for ``conftest.eventually``, which awaits its condition."""
+
+    async def check() -> bool:
+        return predicate()
+
+    return check

@@ -32,7 +32,13 @@ from tests.conftest import (
     make_settings,
     publish_events,
 )
-from tests.helpers import Double, FailingResolver, publish_raw, publishable_header_values
+from tests.helpers import (
+    Double,
+    FailingResolver,
+    as_async,
+    publish_raw,
+    publishable_header_values,
+)
 from worker.consumer import EndpointConsumer
 from worker.delivery import EndpointClient
 from worker.metrics import Metrics
@@ -769,15 +775,8 @@ async def test_end_to_end_latency_counts_from_the_first_publish(
             registry.get_sample_value("webhook_end_to_end_seconds_sum", labels),
         )
 
-    await eventually(_async(lambda: observed("other")[0] == 1))
+    await eventually(as_async(lambda: observed("other")[0] == 1))
     count, total = observed("sdk")
     assert count == 1 and total is not None and total < 60
     count, total = observed("other")
     assert count == 1 and total is not None and 0.5 <= total < 30
-
-
-def _async(predicate: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
-    async def check() -> bool:
-        return predicate()
-
-    return check

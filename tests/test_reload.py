@@ -32,7 +32,7 @@ from worker.metrics import Metrics
 from worker.reload import plan_reload
 from worker.service import Worker
 from worker.settings import settings_from_document
-from worker.topology import dead_letter_queue, endpoint_queue, inspect_queue
+from worker.topology import dead_letter_queue, delay_queue, endpoint_queue, inspect_queue
 
 
 def test_plan_names_added_removed_and_changed_endpoints() -> None:
@@ -281,3 +281,38 @@ async def test_a_start_retried_in_the_background_never_revives_an_older_version(
         await asyncio.wait_for(task, timeout=30)
         await channel.close()
         await broker.delete_all(make_settings(exchange_name, [a, new_late]))
+
+
+async def test_endpoint_removed_counts_what_waits_in_its_delay_queues(
+    exchange_name: str, receiver: Receiver, broker: Broker
+) -> None:
+    """The endpoint_removed log line counts the events left for the endpoint anywhere: its
+    work queue and its delay queues (it said 0 while retries waited)."""
+    receiver.script("/gone", 503)
+    gone = endpoint("gone", receiver.url("/gone"), ["gone.#"])
+    keep = endpoint("keep", receiver.url("/keep"), ["keep.#"])
+    documents = iter([make_document(exchange_name, [keep], retry={"delays_s": [30]})])
+    worker = Worker(
+        settings_from_document(
+            make_document(exchange_name, [gone, keep], retry={"delays_s": [30]}), Path("x"), {}
+        ),
+        Metrics(),
+        load_settings=lambda: settings_from_document(next(documents), Path("x"), {}),
+    )
+    retrying = make_settings(exchange_name, [gone], retry={"delays_s": [30]})
+    task = asyncio.create_task(worker.run())
+    try:
+        await eventually(lambda: _ready(worker))
+        await publish_events(exchange_name, 3, "gone.event", "waiting")
+        await receiver.wait_for(lambda: len(receiver.on("/gone")) == 3)
+        await broker.wait_depth(delay_queue(exchange_name, "gone", 30), 3)
+        with capture_logs() as logs:
+            worker.request_reload()
+            await eventually(lambda: _logged(logs, "config_reloaded"))
+        [removed] = [entry for entry in logs if entry["event"] == "endpoint_removed"]
+        assert removed["queued"] == 3
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, timeout=30)
+        await broker.delete_all(retrying)
+        await broker.delete_all(worker.settings)

@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import trustme
+from structlog.testing import capture_logs
 
 from producer import Publisher
 from tests.conftest import (
@@ -29,6 +30,7 @@ from tests.conftest import (
     write_config,
 )
 from tests.faults import BrokerControl, TcpProxy
+from tests.helpers import as_async
 from worker.metrics import Metrics
 from worker.service import Worker
 from worker.settings import Settings, settings_from_document
@@ -533,3 +535,33 @@ async def test_amqps_with_verified_broker_and_client_certificate(
             await asyncio.wait_for(task, timeout=10)
     finally:
         await tls_front.close()
+
+
+async def test_a_connection_lost_while_starting_is_retried_from_the_start(
+    exchange_name: str, receiver: Receiver, broker: Broker, proxy: TcpProxy
+) -> None:
+    """The connection cut while the worker declares its endpoints (RabbitMQ itself closes a
+    connection on a race in a just-declared quorum queue when several workers start at
+    once): the worker logs broker_unreachable and starts again, instead of exiting."""
+    names = [f"e{index}" for index in range(40)]
+    settings = make_settings(
+        exchange_name,
+        [endpoint(name, receiver.url(f"/{name}"), [f"{name}.#"]) for name in names],
+        broker={"url": f"amqp://guest:guest@127.0.0.1:{proxy.port}/"},
+    )
+    worker = Worker(settings, Metrics())
+    with capture_logs() as logs:
+        task = asyncio.create_task(worker.run())
+        try:
+            await eventually(as_async(lambda: proxy.connections_seen >= 2), timeout_s=20)
+            await asyncio.sleep(0.05)
+            assert not worker.is_ready()
+            proxy.cut()
+            await eventually(as_async(worker.is_ready), timeout_s=60)
+            await publish_events(exchange_name, 1, "e39.event", "after-cut")
+            await receiver.wait_for(lambda: receiver.delivered_ids("/e39") == ["after-cut-0"])
+        finally:
+            worker.request_stop()
+            await asyncio.wait_for(task, timeout=30)
+            await broker.delete_all(settings)
+    assert "broker_unreachable" in {entry["event"] for entry in logs}

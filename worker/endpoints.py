@@ -27,7 +27,7 @@ from worker.opsevents import OperationalEvents
 from worker.recorder import Recorder
 from worker.reload import ReloadPlan
 from worker.settings import EndpointSettings, Settings
-from worker.topology import endpoint_queue, inspect_queue, unbind_patterns
+from worker.topology import count_waiting, unbind_patterns
 
 RETRY_FIRST_DELAY_S = 0.5
 # What a failed start of one endpoint may raise: the broker refused (a topology conflict)
@@ -189,10 +189,8 @@ class EndpointSet:
         self._metrics.forget_endpoint(name)
         queued: int | None = None
         with contextlib.suppress(Exception):  # only the count in the log line is missed
-            inspected = await inspect_queue(
-                self._connection, endpoint_queue(self.settings.broker.exchange, name)
-            )
-            queued = inspected[0] if inspected is not None else None
+            # Its work queue and every delay tier that can still hold its events.
+            queued = await count_waiting(self._connection, self.settings, name)
         log.warning(
             "endpoint_removed",
             endpoint=name,

@@ -119,8 +119,7 @@ class Worker:
             event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
         try:
-            if await self._connect_with_backoff():
-                await self._start_consumers()
+            if await self._connect_and_start():
                 self._started = True
                 self.metrics.ready.set(1)
                 log.info("worker_consuming", broker=self.settings.broker.masked_url)
@@ -134,18 +133,22 @@ class Worker:
             await self._shutdown()
             await self.health.stop()
 
-    async def _connect_with_backoff(self) -> bool:
-        """Connect both connections; False if a stop was requested before the broker answered."""
+    async def _connect_and_start(self) -> bool:
+        """Connect and start every endpoint; False if a stop was requested first.
+
+        A broker that does not answer, or a connection lost while starting (RabbitMQ closes
+        a connection on a race inside a just-declared quorum queue when several workers
+        start at once), is retried with backoff from the beginning.
+        """
         delay = CONNECT_RETRY_FIRST_S
         while not self._stopping:
             try:
                 self._consume_connection = await self._connect("consume")
                 self._publish_connection = await self._connect("publish")
+                await self._start_consumers()
                 return True
             except BROKER_GONE as exc:
-                self._closing = True
-                await self._close_connections()
-                self._closing = False
+                await self._abandon_start()
                 log.warning(
                     "broker_unreachable",
                     broker=self.settings.broker.masked_url,
@@ -157,6 +160,22 @@ class Worker:
                 delay = min(delay * 2, self.settings.broker.connect_retry_max_s)
                 delay *= random.uniform(0.8, 1.0)  # noqa: S311 - jitter, not cryptography
         return False
+
+    async def _abandon_start(self) -> None:
+        """Undo a start that the broker cut short, so the next try begins afresh."""
+        self._closing = True
+        try:
+            if self._endpoints is not None:
+                await self._endpoints.stop_consuming()
+                await self._endpoints.close(drain_timeout_s=0)
+            if self._poller is not None:
+                await self._stop_poller()
+                self._stop_polling.clear()
+            self._endpoints = self._poller = self._publish_channel = None
+            self._operational_events = None
+            await self._close_connections()
+        finally:
+            self._closing = False
 
     async def _connect(self, role: str) -> AbstractRobustConnection:
         # Named so operators (and fault tests) can tell workers' connections apart.
