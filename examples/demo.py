@@ -21,7 +21,7 @@ from pydantic import SecretStr
 
 from producer import Publisher
 from worker import dlq
-from worker.cli_dlq import format_table
+from worker.cli_dlq import dead_letters_table
 from worker.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,7 +117,7 @@ async def main() -> None:
         while time.monotonic() < deadline and not await dlq.list_dead_letters(settings):  # noqa: ASYNC110 - polling the broker, no event to wait on
             await asyncio.sleep(0.5)
         say("python -m worker dlq list --config config.yaml")
-        print(format_table(await dlq.list_dead_letters(settings)), flush=True)
+        print(dead_letters_table(await dlq.list_dead_letters(settings)), flush=True)
         say("python -m worker send-test --endpoint orders (a signed ping, straight to it)")
         ping = await asyncio.create_subprocess_exec(
             sys.executable,

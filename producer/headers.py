@@ -34,6 +34,8 @@ from typing import Any
 from pamqp import decode, encode
 
 MANDATORY = "hookline-mandatory"
+# On a fresh copy in ``<exchange>.unrouted``: the routing key the event was published with.
+ROUTING_KEY = "hookline-routing-key"
 PUBLISHED_AT = "hookline-published-at"
 ATTEMPTS = "hookline-attempts"
 HANDLER_ERRORS = "hookline-handler-errors"

@@ -101,7 +101,7 @@ async def test_list_shows_fields_and_filters_without_consuming(
     assert (first.event_type, first.reason, first.attempts, first.last_status) == (
         "to.a",
         "no_retry_status",
-        "1",
+        1,
         "410",
     )
     assert first.dead_lettered_at.startswith("20")
@@ -675,3 +675,94 @@ async def test_retire_empties_delay_tiers_of_an_earlier_schedule(
     letters = await broker.drain(dead_letter_queue(exchange_name))
     assert sorted(m.message_id or "" for m in letters) == [f"stranded-{n}" for n in range(3)]
     assert all(old_tier in str((m.headers or {})["hookline-detail"]) for m in letters)
+
+
+async def test_a_removed_endpoints_dead_letters_are_selected_by_name(
+    declared: Settings, exchange_name: str, broker: Broker, tmp_path: Path
+) -> None:
+    """After 'legacy' left the config, list, export and purge --endpoint legacy select its
+    dead letters by their hookline-endpoint header, with a warning instead of a refusal."""
+    await put_dead_letters(broker, exchange_name, 2, endpoint_name="legacy", prefix="legacy")
+    await put_dead_letters(broker, exchange_name, 1, endpoint_name="a", prefix="kept")
+    code, out, err = await run_cli(declared, tmp_path, "list", "--json", "--endpoint", "legacy")
+    assert code == 0, err
+    assert [json.loads(line)["event_id"] for line in out.splitlines()] == ["legacy-0", "legacy-1"]
+    assert "warning:" in err and "no endpoint named 'legacy'" in err
+    archive = tmp_path / "legacy.jsonl"
+    code, out, _ = await run_cli(
+        declared, tmp_path, "export", "--endpoint", "legacy", "--file", str(archive)
+    )
+    assert (code, out.strip()) == (0, f"2 exported to {archive}")
+    await put_dead_letters(broker, exchange_name, 1, endpoint_name="legacy", prefix="late")
+    code, out, _ = await run_cli(declared, tmp_path, "purge", "--endpoint", "legacy", "--yes")
+    assert (code, out.strip()) == (0, "1 purged")
+    await broker.wait_depth(dead_letter_queue(exchange_name), 1)
+
+
+async def test_until_bounds_every_command_so_old_letters_can_be_archived(
+    declared: Settings, exchange_name: str, broker: Broker, tmp_path: Path
+) -> None:
+    """--until (same forms as --since) keeps what is newer: "archive everything older than
+    a week" exports exactly the old letters, and list orders by dead-lettered time."""
+    now = datetime.now(UTC)
+    for days, prefix in ((10, "ten"), (1, "one"), (30, "thirty")):
+        moment = (now - timedelta(days=days)).isoformat(timespec="seconds")
+        await put_dead_letters(broker, exchange_name, 1, dead_lettered_at=moment, prefix=prefix)
+    code, out, _ = await run_cli(declared, tmp_path, "list", "--json", "--until", "7d")
+    assert code == 0
+    assert [json.loads(line)["event_id"] for line in out.splitlines()] == ["thirty-0", "ten-0"]
+    _, out, _ = await run_cli(declared, tmp_path, "list", "--json")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [row["event_id"] for row in rows] == ["thirty-0", "ten-0", "one-0"]
+    assert all(isinstance(row["attempts"], int) for row in rows)
+    archive = tmp_path / "old.jsonl"
+    code, out, _ = await run_cli(
+        declared, tmp_path, "export", "--until", "7d", "--file", str(archive)
+    )
+    assert (code, out.strip()) == (0, f"2 exported to {archive}")
+    await broker.wait_depth(dead_letter_queue(exchange_name), 1)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["list", "--reason", "nope"], "must be one of invalid_envelope"),
+        (["replay", "--rate", "20"], "with its unit, such as 20/s"),
+        (["retire", "--endpoint", "neverexisted"], "no queue of an endpoint named 'neverexisted'"),
+    ],
+)
+async def test_mistakes_are_errors_not_silent_successes(
+    declared: Settings, tmp_path: Path, args: list[str], message: str
+) -> None:
+    """An unknown reason, a rate without its unit and retiring a name that has no queue
+    exit 2 with a message saying what is valid, instead of "0 dead letters" or "0 moved"."""
+    code, out, err = await run_cli(declared, tmp_path, *args)
+    assert code == 2, out
+    assert message in err
+
+
+async def test_replay_reports_each_event_as_it_goes(
+    declared: Settings, exchange_name: str, broker: Broker, tmp_path: Path
+) -> None:
+    """At 2/s, the first "replayed" line is printed well before the last letter is done, so
+    an interrupted replay has told what it did."""
+    await put_dead_letters(broker, exchange_name, 4, prefix="slow")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(settings_document(declared)))
+    started = time.monotonic()
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "worker", "dlq", "replay", "--rate", "2/s"),
+        *("--config", str(config)),
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert process.stdout is not None
+    first = await asyncio.wait_for(process.stdout.readline(), timeout=60)
+    first_at = time.monotonic() - started
+    rest = await asyncio.wait_for(process.stdout.read(), timeout=60)
+    done_at = time.monotonic() - started
+    assert await process.wait() == 0
+    assert first.decode().startswith("replayed slow-")
+    assert rest.decode().splitlines()[-1] == "4 replayed"
+    assert done_at - first_at >= 1.0

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from producer.exceptions import error_lines
-from worker import cli_dlq
+from worker import cli_dlq, cli_unrouted
+from worker.cli_args import positive_int
 from worker.exceptions import ConfigError, HooklineError, ListenError, TopologyConflict
 from worker.inspect import run_status
 from worker.logs import configure_logging
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--worker", action="append", default=None, metavar="URL",
                         help="a worker's metrics address to read circuit states from "
                         "(repeatable; default: this host's metrics.port)")  # fmt: skip
-    status.add_argument("--scan-limit", type=cli_dlq.positive_int, default=10_000,
+    status.add_argument("--scan-limit", type=positive_int, default=10_000,
                         help="dead letters to read when counting them by reason")  # fmt: skip
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     send_test = command("send-test", "POST a signed hookline.test event to one endpoint")
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         "every message (stop the workers first)",
     )
     cli_dlq.add_commands(commands)
+    cli_unrouted.add_commands(commands)
     return parser
 
 
@@ -60,15 +62,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings(args.config)
-        named = getattr(args, "endpoint", None)
-        if named is not None and getattr(args, "dlq_command", None) != "retire":
-            settings.endpoint(named)
     except ConfigError as exc:
         print(error_lines(exc), file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyError:
-        print(f"error: {args.config}: no endpoint named {args.endpoint!r}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    named = getattr(args, "endpoint", None)
+    if named is not None and named not in {endpoint.name for endpoint in settings.endpoints}:
+        if args.command == "send-test":
+            print(f"error: {args.config}: no endpoint named {named!r}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        if args.command == "dlq" and args.dlq_command != "retire":
+            # Dead letters are selected by their hookline-endpoint header: a removed
+            # endpoint's are still there to list, export or purge.
+            print(
+                f"warning: {args.config}: no endpoint named {named!r}; selecting dead letters "
+                "by their hookline-endpoint header",
+                file=sys.stderr,
+            )
     configure_logging(settings.worker)
     if args.command == "check-config":
         print(describe_settings(settings, args.config))
@@ -81,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = run_send_test(settings, args.endpoint)
     elif args.command == "upgrade-queues":
         command = run_upgrade(settings)
+    elif args.command == "unrouted":
+        command = cli_unrouted.run_unrouted(settings, args)
     else:
         command = cli_dlq.run_dlq(settings, args)
     try:

@@ -1,17 +1,9 @@
 """Operator tools over ``<exchange>.dead-letter``: list, replay, export, purge, retire.
 
-Messages are read with ``basic.get`` and left unacked while the command runs; those it does
-not act on return to the queue when its channel closes, so an interrupted command loses
-nothing. A message leaves the queue only after its new home holds it: the broker confirmed
-the replayed copy, or the exported line was written and fsynced. An interruption between
-the two leaves a duplicate (in the endpoint's queue, or in the file), never a gap.
-
-Each return counts as a delivery on a quorum queue (``x-delivery-count``), and a message
-over a delivery limit is dead-lettered (RabbitMQ 4.0-4.2 default to 20 and count every
-return). So the tools keep the counts low: a message they return with a count of
-``REFRESH_AT_DELIVERY_COUNT`` or more is replaced by a fresh copy (confirmed, then the
-original acked), and every command first moves whatever a lower limit (a policy) pushed
-into ``<exchange>.dead-letter.overflow`` back into the dead-letter queue, as fresh copies.
+The queue is read as :mod:`worker.scan` describes: nothing leaves it before its new home
+holds it, and read counts are kept far from any delivery limit. Every command first moves
+whatever a lower limit (a policy) pushed into ``<exchange>.dead-letter.overflow`` back into
+the dead-letter queue, as fresh copies.
 
 Dead letters come from two places. The worker writes its own, with ``hookline-*`` headers
 saying why. The broker dead-letters a message from an endpoint's work queue when it is over
@@ -30,16 +22,13 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aio_pika
 from aio_pika.abc import (
-    AbstractChannel,
     AbstractIncomingMessage,
-    AbstractQueue,
-    AbstractRobustConnection,
 )
 
 from producer import headers
@@ -48,16 +37,17 @@ from producer.publisher import publish_confirmed
 from worker.outcomes import Reason
 from worker.ratelimit import TokenBucket
 from worker.recorder import Recorder, copy_message, settle
+from worker.scan import ScannedQueue
 from worker.settings import Settings
+from worker.terminal import ProgressCallback
 from worker.topology import (
     dead_letter_overflow_queue,
-    dead_letter_queue,
     declare_all,
     declare_dead_letter_queue,
     endpoint_of_work_queue,
     endpoint_queue,
     endpoint_queue_names,
-    inspect_queue,
+    inspect_queues,
     known_delay_tiers,
 )
 
@@ -65,13 +55,7 @@ from worker.topology import (
 # under the 32 commands a quorum queue client keeps in flight: settles beyond that wait
 # in the channel, and are dropped (their messages redelivered) if it closes first.
 EXPORT_BATCH = 16
-
-Progress = Callable[[int, int], None]  # (messages looked at, messages in the queue)
-
-# A dead letter a command returns to the queue is replaced by a fresh copy once it has been
-# returned this often: far below the delivery limit of 20 that RabbitMQ 4.0-4.2 apply to
-# quorum queues by default, and rare enough to cost little.
-REFRESH_AT_DELIVERY_COUNT = 10
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +64,7 @@ class DeadLetter:
     event_type: str
     endpoint: str
     reason: str
-    attempts: str
+    attempts: int
     last_status: str
     dead_lettered_at: str
     detail: str
@@ -92,8 +76,7 @@ class DeadLetter:
         found = message.headers or {}
 
         def header(name: str) -> str:
-            value = found.get(name, "")
-            return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+            return headers.text(found.get(name))
 
         event_id, event_type = _id_and_type(message.body)
         death = broker_dead_lettering(found, exchange)
@@ -104,7 +87,7 @@ class DeadLetter:
                 event_type=event_type or "-",
                 endpoint=endpoint,
                 reason=from_queue.reason,
-                attempts=str(headers.attempts_made(found)),
+                attempts=headers.attempts_made(found),
                 last_status=header(headers.LAST_STATUS) or "none",
                 dead_lettered_at=(
                     from_queue.time.isoformat(timespec="seconds") if from_queue.time else ""
@@ -116,7 +99,7 @@ class DeadLetter:
             event_type=event_type or "-",
             endpoint=header(headers.ENDPOINT),
             reason=header(headers.REASON),
-            attempts=header(headers.ATTEMPTS),
+            attempts=headers.attempts_made(found),
             last_status=header(headers.LAST_STATUS),
             dead_lettered_at=header(headers.DEAD_LETTERED_AT),
             detail=header(headers.DETAIL),
@@ -138,6 +121,7 @@ class Selection:
     reason: str | None = None
     event_type: str | None = None  # exact, or a topic pattern with * and #
     since: datetime | None = None  # dead-lettered at or after
+    until: datetime | None = None  # dead-lettered at or before
     limit: int | None = None
 
     def matches(self, letter: DeadLetter) -> bool:
@@ -147,9 +131,13 @@ class Selection:
             return False
         if self.event_type is not None and not topic_matches(self.event_type, letter.event_type):
             return False
-        if self.since is not None:
+        if self.since is not None or self.until is not None:
             moment = letter.dead_lettered_time
-            if moment is None or moment < self.since:
+            if moment is None:
+                return False
+            if self.since is not None and moment < self.since:
+                return False
+            if self.until is not None and moment > self.until:
                 return False
         return True
 
@@ -282,51 +270,20 @@ class ReplayReport:
     dry_run: bool = False
 
 
-class DeadLetterQueue:
-    """The dead-letter queue as one command sees it, on a confirm channel of its own."""
+class DeadLetterQueue(ScannedQueue):
+    """The dead-letter queue as one command sees it."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        connection: AbstractRobustConnection,
-        channel: AbstractChannel,
-        queue: AbstractQueue,
-    ) -> None:
-        self.settings = settings
-        self.connection = connection
-        self.channel = channel
-        self.queue = queue
-        self._exchange = settings.broker.exchange
-        # Messages this command read and keeps whose delivery count is getting high.
-        self._to_refresh: list[AbstractIncomingMessage] = []
-
-    @property
-    def depth(self) -> int:
-        return int(self.queue.declaration_result.message_count or 0)
+    def fresh_copy(self, message: AbstractIncomingMessage) -> aio_pika.Message:
+        return fresh_copy(message, self.settings.broker.exchange)
 
     def letter(self, message: AbstractIncomingMessage) -> DeadLetter:
-        return DeadLetter.from_message(message, self._exchange)
-
-    def keep(self, message: AbstractIncomingMessage) -> None:
-        """``message`` stays in the queue: it returns when the channel closes, unless its
-        delivery count calls for a fresh copy (made when the command finishes)."""
-        if headers.delivery_count(message.headers) >= REFRESH_AT_DELIVERY_COUNT:
-            self._to_refresh.append(message)
-
-    async def put_back(self, message: AbstractIncomingMessage) -> None:
-        """Replace ``message`` by a fresh copy at the queue's tail: confirmed, then acked."""
-        await publish_confirmed(
-            self.channel.default_exchange,
-            fresh_copy(message, self._exchange),
-            dead_letter_queue(self._exchange),
-            self.settings.broker.publish_timeout_s,
-        )
-        await settle(message)
+        return DeadLetter.from_message(message, self.settings.broker.exchange)
 
     async def bring_back_overflow(self) -> int:
         """Move every letter the queue dead-lettered into the overflow queue back in."""
+        exchange = self.settings.broker.exchange
         overflow = await self.channel.declare_queue(
-            dead_letter_overflow_queue(self._exchange), passive=True
+            dead_letter_overflow_queue(exchange), passive=True
         )
         moved = 0
         while (message := await overflow.get(no_ack=False, fail=False)) is not None:
@@ -336,35 +293,27 @@ class DeadLetterQueue:
             await self.queue.declare()  # the depth the commands read now counts them
         return moved
 
-    async def refresh_kept(self) -> None:
-        # Done once the command has read everything, so a copy is never read twice.
-        for message in self._to_refresh:
-            await self.put_back(message)
-        self._to_refresh.clear()
-
     async def matching(
-        self, selection: Selection, progress: Progress | None = None, *, keep_all: bool = False
+        self,
+        selection: Selection,
+        progress: ProgressCallback | None = None,
+        *,
+        keep_all: bool = False,
     ) -> AsyncIterator[tuple[AbstractIncomingMessage, DeadLetter]]:
         """Unacked messages that match ``selection``, in one pass over the queue. Those that
         do not match are kept; so are those that do when ``keep_all`` (read-only commands)."""
-        declared = self.depth
         found = 0
-        for seen in range(1, declared + 1):
-            if selection.limit is not None and found >= selection.limit:
-                return
-            message = await self.queue.get(no_ack=False, fail=False)
-            if message is None:
-                return
+        async for message in self.scan(progress):
             letter = self.letter(message)
             if selection.matches(letter):
                 found += 1
                 if keep_all:
                     self.keep(message)
                 yield message, letter
+                if selection.limit is not None and found >= selection.limit:
+                    return
             else:
                 self.keep(message)
-            if progress is not None:
-                progress(seen, declared)
 
 
 @asynccontextmanager
@@ -386,8 +335,14 @@ async def open_dead_letter_queue(settings: Settings) -> AsyncIterator[DeadLetter
 async def list_dead_letters(
     settings: Settings, selection: Selection = Selection()
 ) -> list[DeadLetter]:
+    """Matching dead letters, oldest first (a queue holds them in the order they arrived,
+    which replays and fresh copies reshuffle)."""
     async with open_dead_letter_queue(settings) as dead_letters:
-        return [letter async for _, letter in dead_letters.matching(selection, keep_all=True)]
+        found = [letter async for _, letter in dead_letters.matching(selection, keep_all=True)]
+    return sorted(
+        found,
+        key=lambda letter: (letter.dead_lettered_time is None, letter.dead_lettered_time or EPOCH),
+    )
 
 
 async def replay(
@@ -396,12 +351,14 @@ async def replay(
     *,
     rate_per_s: float | None = None,
     dry_run: bool = False,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
+    on_replayed: Callable[[DeadLetter], None] | None = None,
 ) -> ReplayReport:
     """Send dead letters back to their endpoint's live queue with a fresh attempt count.
 
     ``rate_per_s`` paces the replay so a recovered endpoint is not flooded; ``dry_run``
-    reports what would be replayed and changes nothing.
+    reports what would be replayed and changes nothing. ``on_replayed`` hears of each one
+    as soon as it is done (so an interrupted replay has said what it did).
     """
     known = {configured.name for configured in settings.endpoints}
     replayed: list[DeadLetter] = []
@@ -430,6 +387,8 @@ async def replay(
             else:
                 dead_letters.keep(message)
             replayed.append(letter)
+            if on_replayed is not None:
+                on_replayed(letter)
     return ReplayReport(replayed=replayed, skipped_unknown_endpoint=skipped, dry_run=dry_run)
 
 
@@ -438,7 +397,7 @@ async def export(
     path: Path,
     selection: Selection = Selection(),
     *,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
 ) -> int:
     """Append matching dead letters to ``path`` as JSON lines and remove them; returns how many.
 
@@ -511,14 +470,21 @@ async def retire(settings: Settings, endpoint: str) -> int:
         # Read twice: a tier missed here would later expire into a deleted queue.
         tiers = await known_delay_tiers(connection, settings, reads=2)
         names = endpoint_queue_names(settings, endpoint, tiers)
-        work = await inspect_queue(connection, work_queue)
+        found = await inspect_queues(connection, names)
+        if not any(found.values()):
+            raise ValueError(
+                f"no queue of an endpoint named {endpoint!r} exists on the broker: nothing to "
+                "retire (check the name; dead letters of a removed endpoint are selected with "
+                "`dlq list --endpoint NAME`)"
+            )
+        work = found.get(work_queue)
         if work is not None and work[1] > 0:
             raise ValueError(
                 f"{work_queue} still has {work[1]} consumer(s): reload every worker first"
             )
         recorder = Recorder(exchange, channel.default_exchange, settings.broker.publish_timeout_s)
         for name in names:
-            if await inspect_queue(connection, name) is None:
+            if found.get(name) is None:
                 continue
             queue = await channel.declare_queue(name, passive=True)
             while (message := await queue.get(no_ack=False, fail=False)) is not None:

@@ -21,9 +21,9 @@ from rich.table import Table
 
 from producer.connection import connect
 from worker import dlq
-from worker.cli_dlq import printable, terminal_json
 from worker.retry import delay_tiers
 from worker.settings import Settings
+from worker.terminal import printable, terminal_json
 from worker.topology import (
     delay_label,
     delay_queue,

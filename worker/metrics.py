@@ -127,7 +127,7 @@ class Metrics:
         )
         self.dead_letter_depth = Gauge(
             "webhook_dead_letter_messages",
-            "Messages in the dead-letter queue (polled from the broker).",
+            "Messages in the dead-letter queue and its overflow queue (polled from the broker).",
             registry=r,
         )
         self.unrouted_depth = Gauge(
