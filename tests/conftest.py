@@ -357,14 +357,22 @@ class WorkerProcess:
         assert self.process is not None
         return self.process.pid
 
-    async def wait_for_log(self, event: str, timeout_s: float = 20) -> dict[str, Any]:
-        """Wait until the worker logs ``event``; returns that record."""
+    async def wait_for_log(
+        self, event: str, timeout_s: float = 20, after: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Wait until the worker logs ``event`` (after the record ``after``, if given);
+        returns that record."""
         deadline = time.monotonic() + timeout_s
         seen = 0
+        passed = after is None
         while True:
             for line in self.log_lines[seen:]:
-                if line.startswith("{") and json.loads(line).get("event") == event:
-                    return dict(json.loads(line))
+                if not line.startswith("{"):
+                    continue
+                record = dict(json.loads(line))
+                if passed and record.get("event") == event:
+                    return record
+                passed = passed or record == after
             seen = len(self.log_lines)
             assert self._reader is not None
             if self._reader.done():
