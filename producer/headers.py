@@ -13,6 +13,8 @@ Headers Hookline writes (public contract):
   ``webhook_end_to_end_seconds`` is measured from it.
 - ``hookline-attempts``: attempts already made (on retry copies and dead letters).
 - ``hookline-handler-errors``: how many times the worker itself failed on the message.
+- ``hookline-routing-key``: on an event in ``<exchange>.unrouted`` that an operator command
+  put back as a fresh copy, the routing key it was first published with.
 - ``hookline-dropped-headers``: names of publisher headers that could not be copied
   losslessly into a retry or dead-letter copy and were left out (comma-separated).
 - Dead letters only: ``hookline-endpoint``, ``hookline-reason``, ``hookline-last-status``,

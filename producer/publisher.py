@@ -68,8 +68,7 @@ async def publish_confirmed(
         raise NotConfirmed(f"broker refused the message for {routing_key!r}") from exc
     except TimeoutError as exc:
         raise NotConfirmed(f"no confirm within {timeout_s}s for {routing_key!r}") from exc
-    except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
-        # RuntimeError covers aio-pika's ChannelInvalidStateError on a closed channel.
+    except BROKER_GONE as exc:
         raise NotConfirmed(f"connection lost while publishing to {routing_key!r}") from exc
 
 

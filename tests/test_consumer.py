@@ -33,6 +33,7 @@ from tests.conftest import (
     publish_events,
 )
 from tests.helpers import (
+    MARKER_TIME,
     Double,
     FailingResolver,
     as_async,
@@ -780,3 +781,37 @@ async def test_end_to_end_latency_counts_from_the_first_publish(
     assert count == 1 and total is not None and total < 60
     count, total = observed("other")
     assert count == 1 and total is not None and 0.5 <= total < 30
+
+
+async def test_headers_decoded_with_loss_are_named_not_copied_changed(
+    exchange_name: str, receiver: Receiver, run_worker: RunWorker, broker: Broker
+) -> None:
+    """A header whose name is not UTF-8, or whose timestamp no datetime can hold, is
+    decoded without closing the connection, and left out of copies with its name in
+    hookline-dropped-headers: never carried renamed or emptied."""
+    receiver.script("/down", 503)
+    settings = make_settings(
+        exchange_name,
+        [endpoint("down", receiver.url("/down"), ["lossy.#"])],
+        retry={"delays_s": [0.05]},
+    )
+    await run_worker(settings)
+    _, body = build_body("lossy.headers", {}, event_id="lossy-1")
+    await publish_raw(
+        "127.0.0.1",
+        5672,
+        exchange_name,
+        "lossy.headers",
+        body,
+        invalid_utf8_in=frozenset({"header_name"}),
+        headers={"when": MARKER_TIME, "kept": "yes"},
+    )
+    queue = dead_letter_queue(exchange_name)
+    await eventually(lambda: _has_messages(broker, queue, 1))
+    [letter] = await broker.drain(queue)
+    assert letter.headers["kept"] == "yes"
+    assert "when" not in letter.headers
+    assert not [name for name in letter.headers if "\ufffd" in name]
+    dropped = letter.headers["hookline-dropped-headers"].split(",")
+    assert "when" in dropped and len(dropped) == 2
+    assert all(name.isascii() for name in dropped)

@@ -116,3 +116,22 @@ def test_every_carried_header_can_be_published(original: dict[str, Any]) -> None
     kept, dropped = headers.carried(original)
     encode.field_table(kept)
     assert set(kept) | set(dropped) <= set(original)
+
+
+def test_pamqp_still_dispatches_through_the_tables_hookline_extends() -> None:
+    """producer/connection.py registers its tolerant decoders in pamqp's dispatch tables;
+    a pamqp release that stopped using them would silently bring back decode failures that
+    close connections. This fails first."""
+    from pamqp import decode
+
+    from producer.connection import tolerate_undecodable_properties
+
+    tolerate_undecodable_properties()
+    assert decode.METHODS["shortstr"].__module__ == "producer.connection"
+    assert decode.TABLE_MAPPING[b"T"].__module__ == "producer.connection"
+    assert decode.by_type(b"\x02\xff\xfe", "shortstr") == (3, "\ufffd\ufffd")
+    table = b"\x00\x00\x00\x0c" + b"\x02\xff\xfe" + b"T" + b"\x7f" + b"\xff" * 7
+    consumed, decoded = decode.by_type(table, "table")
+    assert consumed == 16
+    [(name, value)] = decoded.items()
+    assert name == "\udcff\udcfe" and repr(value) == "<unrepresentable timestamp>"

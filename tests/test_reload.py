@@ -316,3 +316,41 @@ async def test_endpoint_removed_counts_what_waits_in_its_delay_queues(
         await asyncio.wait_for(task, timeout=30)
         await broker.delete_all(retrying)
         await broker.delete_all(worker.settings)
+
+
+async def test_an_endpoint_removed_while_its_start_was_retried_is_unbound(
+    exchange_name: str, receiver: Receiver, broker: Broker
+) -> None:
+    """A start that failed after binding (its delay queue conflicts) and is being retried;
+    a reload then removes the endpoint: its patterns are unbound all the same, so events
+    published afterwards do not pile up in its queue unseen."""
+    a = endpoint("a", receiver.url("/a"), ["a.#"])
+    late = endpoint("late", receiver.url("/late"), ["late.#"])
+    documents = iter([make_document(exchange_name, [a, late]), make_document(exchange_name, [a])])
+    worker = Worker(
+        settings_from_document(make_document(exchange_name, [a]), Path("x.yaml"), {}),
+        Metrics(),
+        load_settings=lambda: settings_from_document(next(documents), Path("x.yaml"), {}),
+    )
+    everything = make_settings(exchange_name, [a, late])
+    channel = await broker.channel()
+    conflicting = delay_queue(exchange_name, "late", everything.retry.delays_s[0])
+    await channel.declare_queue(conflicting, durable=True)  # classic, no TTL: conflicts
+    task = asyncio.create_task(worker.run())
+    try:
+        await eventually(lambda: _ready(worker))
+        with capture_logs() as logs:
+            worker.request_reload()
+            await eventually(lambda: _logged(logs, "config_reload_failed"))
+            worker.request_reload()
+            await eventually(lambda: _logged(logs, "config_reloaded", count=2))
+        assert await _logged(logs, "endpoint_removed")
+        with pytest.raises(Unroutable):
+            await publish_events(exchange_name, 1, "late.event", "after-removal")
+        assert await broker.depth(endpoint_queue(exchange_name, "late")) == 0
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, timeout=30)
+        await channel.queue_delete(conflicting)
+        await channel.close()
+        await broker.delete_all(everything)

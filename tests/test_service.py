@@ -565,3 +565,32 @@ async def test_a_connection_lost_while_starting_is_retried_from_the_start(
             await asyncio.wait_for(task, timeout=30)
             await broker.delete_all(settings)
     assert "broker_unreachable" in {entry["event"] for entry in logs}
+
+
+async def test_stop_is_honoured_while_the_broker_is_away(
+    exchange_name: str, receiver: Receiver, broker: Broker, proxy: TcpProxy
+) -> None:
+    """With the broker unreachable (every connection cut, none accepted), SIGTERM still
+    ends the worker within the shutdown bound: cancelling its consumers does not wait for a
+    broker that is not coming back."""
+    names = [f"e{index}" for index in range(6)]
+    settings = make_settings(
+        exchange_name,
+        [endpoint(name, receiver.url(f"/{name}"), [f"{name}.#"]) for name in names],
+        broker={"url": f"amqp://guest:guest@127.0.0.1:{proxy.port}/"},
+        worker={"shutdown_timeout_s": 2},
+    )
+    worker = Worker(settings, Metrics())
+    task = asyncio.create_task(worker.run())
+    try:
+        await eventually(as_async(worker.is_ready), timeout_s=30)
+        await proxy.close()
+        await eventually(as_async(lambda: not worker.is_ready()), timeout_s=10)
+        started = time.monotonic()
+        worker.request_stop()
+        await asyncio.wait_for(task, timeout=30)
+        assert time.monotonic() - started < 15
+    finally:
+        if not task.done():
+            task.cancel()
+        await broker.delete_all(settings)

@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-import aiormq
 from aio_pika.abc import AbstractIncomingMessage
+
+from producer.connection import BROKER_GONE
 
 FLUSH_DELAY_S = 0.002
 MAX_HOLD_S = 0.05
@@ -37,17 +38,18 @@ class AckCoalescer:
         self._flusher: asyncio.Task[None] | None = None
 
     def started(self, message: AbstractIncomingMessage) -> None:
-        if message.channel is not self._channel:
-            self._adopt(message)
+        channel = _channel_of(message)
+        if channel is not None and channel is not self._channel:
+            self._adopt(channel)
 
     def forget(self, message: AbstractIncomingMessage) -> None:
         """The delivery was settled another way (nacked)."""
-        if message.channel is self._channel:
+        if _channel_of(message) is self._channel:
             self._settled_above.add(self._tag(message))
 
     async def ack(self, message: AbstractIncomingMessage) -> bool:
         """Resolves once the ack covering ``message`` is written; False if it could not be."""
-        if message.channel is not self._channel:
+        if self._channel is None or _channel_of(message) is not self._channel:
             return await _send(message, multiple=False)
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._finished[self._tag(message)] = (message, time.monotonic(), future)
@@ -55,17 +57,13 @@ class AckCoalescer:
             self._flusher = asyncio.create_task(self._flush_soon())
         return await future
 
-    async def flush(self) -> None:
-        """Ack everything finished now (before a channel closes at shutdown)."""
-        await self._flush(hold=False)
-
-    def _adopt(self, message: AbstractIncomingMessage) -> None:
+    def _adopt(self, channel: object) -> None:
         # A new channel after a reconnect: the old one's tags mean nothing any more, and
         # the broker will redeliver whatever they stood for.
         for _, _, future in self._finished.values():
             if not future.done():
                 future.set_result(False)
-        self._channel = message.channel
+        self._channel = channel
         self._settled_upto = 0
         self._settled_above.clear()
         self._finished.clear()
@@ -78,9 +76,12 @@ class AckCoalescer:
     async def _flush_soon(self) -> None:
         while self._finished:
             await asyncio.sleep(self._flush_delay_s)
-            await self._flush(hold=True)
+            await self._flush()
 
-    async def _flush(self, *, hold: bool) -> None:
+    async def _flush(self) -> None:
+        # Tags mean something only on their channel: if a reconnect adopted a new one
+        # while an ack was being sent, everything read before that is stale.
+        channel = self._channel
         # The run of tags just above _settled_upto that are all finished or settled.
         tag, last_finished = self._settled_upto + 1, 0
         while tag in self._finished or tag in self._settled_above:
@@ -89,16 +90,22 @@ class AckCoalescer:
             tag += 1
         if last_finished:
             ok = await _send(self._finished[last_finished][0], multiple=True)
+            if self._channel is not channel:
+                return
             for covered in range(self._settled_upto + 1, last_finished + 1):
                 self._resolve(covered, ok)
                 self._settled_above.discard(covered)
             self._settled_upto = last_finished
         deadline = time.monotonic() - self._max_hold_s
         for held in sorted(self._finished):
-            message, finished_at, _ = self._finished[held]
-            if not hold or finished_at <= deadline:
-                self._resolve(held, await _send(message, multiple=False))
-                self._settled_above.add(held)
+            entry = self._finished.get(held)
+            if entry is None or entry[1] > deadline:
+                continue
+            sent = await _send(entry[0], multiple=False)
+            if self._channel is not channel:
+                return
+            self._resolve(held, sent)
+            self._settled_above.add(held)
 
     def _resolve(self, tag: int, ok: bool) -> None:
         entry = self._finished.pop(tag, None)
@@ -106,9 +113,18 @@ class AckCoalescer:
             entry[2].set_result(ok)
 
 
+def _channel_of(message: AbstractIncomingMessage) -> object | None:
+    """The channel ``message`` came on, or None once that channel is closed (aio-pika
+    raises then): its tag can no longer be acked, and the broker redelivers it."""
+    try:
+        return message.channel
+    except BROKER_GONE:
+        return None
+
+
 async def _send(message: AbstractIncomingMessage, *, multiple: bool) -> bool:
     try:
         await message.channel.basic_ack(message.delivery_tag or 0, multiple=multiple)
-    except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError):
+    except BROKER_GONE:
         return False
     return True

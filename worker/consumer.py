@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -169,7 +170,10 @@ class EndpointConsumer:
         # basic.qos applies to consumers started after it, hence always before consume.
         await self._channel.set_qos(prefetch_count=prefetch)
         self._unsubscribed.clear()
-        self._consumer_tag = await self._queue.consume(self._on_message)
+        # Chosen here and stored before the RPC: a consume interrupted mid-way (stop during
+        # a circuit change) may still have started on the broker, and must be cancellable.
+        self._consumer_tag = f"hookline.{self.endpoint.name}.{uuid.uuid4().hex[:12]}"
+        await self._queue.consume(self._on_message, consumer_tag=self._consumer_tag)
 
     async def _resubscribe(self, prefetch: int) -> None:
         """Subscribe after a circuit change, retrying while the broker connection is down:
@@ -183,6 +187,7 @@ class EndpointConsumer:
                 self._log.warning(
                     "consumer_subscribe_failed", error=exc.__class__.__name__, retry_in_s=delay_s
                 )
+                await self._unsubscribe()
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, RESUBSCRIBE_MAX_DELAY_S)
 
@@ -190,8 +195,11 @@ class EndpointConsumer:
         tag, self._consumer_tag = self._consumer_tag, None
         if self._queue is not None and tag is not None:
             try:
-                await self._queue.cancel(tag)
-            except Exception as exc:  # noqa: BLE001 - broker may already be gone; nothing to cancel
+                # Bounded: with the broker away, a robust queue waits for the reconnect
+                # first. It forgets the consumer before that wait, so a reconnect never
+                # restores it.
+                await asyncio.wait_for(self._queue.cancel(tag), timeout=UNSUBSCRIBE_WAIT_S)
+            except Exception as exc:  # noqa: BLE001 - the channel is gone, or will be
                 self._log.warning("consumer_cancel_failed", error=exc.__class__.__name__)
         self._unsubscribed.set()
 
@@ -219,16 +227,21 @@ class EndpointConsumer:
         return self._stopped.is_set() or self.circuit_state is CircuitState.OPEN
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        self._acks.started(message)
-        if self._holding_back():
-            # Prefetched before the consumer was cancelled: back to the queue, unattempted.
-            await self._give_back(message)
-            return
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
         try:
+            self._acks.started(message)
+            if self._holding_back():
+                # Prefetched before the consumer was cancelled: back to the queue, unattempted.
+                await self._give_back(message)
+                return
             await self._handle(message)
+        except Exception as exc:  # noqa: BLE001 - last resort: _handle settles every outcome
+            # Reached only if settling itself failed unexpectedly; the message was not
+            # acked, so it goes back (or is redelivered when its channel closes).
+            self._log.error("delivery_settle_failed", error=exc.__class__.__name__, exc_info=exc)
+            await settle(message, requeue=True)
         finally:
             self._tasks.discard(task)
 

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import aiormq
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
@@ -27,11 +28,14 @@ from worker.opsevents import OperationalEvents
 from worker.recorder import Recorder
 from worker.reload import ReloadPlan
 from worker.settings import EndpointSettings, Settings
-from worker.topology import count_waiting, unbind_patterns
+from worker.topology import count_waiting, endpoint_queue, unbind_patterns
 
 RETRY_FIRST_DELAY_S = 0.5
+# The endpoint_removed line waits at most this long for its count of what is left.
+COUNT_WAIT_S = 5.0
 # What a failed start of one endpoint may raise: the broker refused (a topology conflict)
-# or went away. Anything else is a bug and propagates.
+# or went away (which, as BROKER_GONE says, covers aio-pika's RuntimeErrors too). Anything
+# else propagates.
 START_FAILURES: tuple[type[BaseException], ...] = (HooklineError, *BROKER_GONE)
 
 log = structlog.get_logger("hookline.worker")
@@ -97,15 +101,16 @@ class EndpointSet:
         async with self._lock:
             if self._closed:
                 return failed
+            previous = {endpoint.name: endpoint for endpoint in self.settings.endpoints}
             self.settings = plan.settings
             for name in (*plan.removed, *plan.changed, *plan.added):
                 # A start still being retried is for a version this plan supersedes.
                 self._stop_retrying(name)
                 try:
                     if name in plan.removed:
-                        await self._remove(name)
+                        await self._remove(name, previous[name])
                     else:
-                        await self._replace(name, plan.settings.endpoint(name))
+                        await self._replace(name, plan.settings.endpoint(name), previous.get(name))
                 except START_FAILURES as exc:
                     failed.append(name)
                     reason = str(exc) or exc.__class__.__name__
@@ -120,8 +125,21 @@ class EndpointSet:
             self._closed = True
             for name in list(self._retrying):
                 self._stop_retrying(name)
-            for running in self._running.values():
-                await running.consumer.stop_consuming()
+            # Together: with the broker away, each cancel waits out its bound.
+            await asyncio.gather(
+                *(running.consumer.stop_consuming() for running in self._running.values())
+            )
+
+    async def discard(self) -> None:
+        """After the connection was lost while starting: nothing is said to the broker
+        (its consumers end with the connection); HTTP clients are closed and in-flight
+        deliveries cancelled (their messages were not acked)."""
+        self._closed = True
+        for name in list(self._retrying):
+            self._stop_retrying(name)
+        await drain(self.in_flight_tasks(), timeout_s=0)
+        for running in self._running.values():
+            await running.client.close()
 
     async def close(self, drain_timeout_s: float) -> None:
         """After :meth:`stop_consuming`: let deliveries finish within the bound, then close
@@ -154,7 +172,9 @@ class EndpointSet:
             raise
         self._running[endpoint.name] = RunningEndpoint(channel, client, consumer)
 
-    async def _replace(self, name: str, endpoint: EndpointSettings) -> None:
+    async def _replace(
+        self, name: str, endpoint: EndpointSettings, before: EndpointSettings | None
+    ) -> None:
         """Stop the old consumer (if any), start the new one, let the old one finish.
 
         Messages the old consumer had not started go back to the queue unattempted and
@@ -163,34 +183,39 @@ class EndpointSet:
         """
         self._metrics.register_endpoint(name)
         running = self._running.pop(name, None)
+        dropped = set(before.events if before is not None else ()) - set(endpoint.events)
         if running is not None:
-            await running.consumer.stop_consuming()
-            dropped = set(running.consumer.endpoint.events) - set(endpoint.events)
-            if dropped and running.consumer.queue is not None:
-                exchange = self.settings.broker.exchange
-                await unbind_patterns(running.consumer.queue, exchange, dropped)
-            self._retire(running)
+            try:
+                await running.consumer.stop_consuming()
+                if dropped:
+                    await self._unbind(running, dropped)
+            finally:
+                self._retire(running)
+        elif dropped:
+            # Its start was being retried: a failed start may have bound before it failed.
+            await self._unbind_elsewhere(name, dropped)
         await self._start(endpoint)
 
-    async def _remove(self, name: str) -> None:
+    async def _remove(self, name: str, before: EndpointSettings) -> None:
         """Unbind it so no new events queue up, and leave what is queued where it is."""
         running = self._running.pop(name, None)
-        if running is None:
-            # Never started here (its start was being retried): nothing bound through us.
-            self._metrics.forget_endpoint(name)
-            return
-        await running.consumer.stop_consuming()
-        queue = running.consumer.queue
-        if queue is not None:
-            await unbind_patterns(
-                queue, self.settings.broker.exchange, running.consumer.endpoint.events
-            )
-        self._retire(running)
+        if running is not None:
+            try:
+                await running.consumer.stop_consuming()
+                await self._unbind(running, before.events)
+            finally:
+                self._retire(running)
+        else:
+            # Its start was being retried: a failed start may have bound before it failed.
+            await self._unbind_elsewhere(name, before.events)
         self._metrics.forget_endpoint(name)
         queued: int | None = None
         with contextlib.suppress(Exception):  # only the count in the log line is missed
-            # Its work queue and every delay tier that can still hold its events.
-            queued = await count_waiting(self._connection, self.settings, name)
+            # Its work queue and every delay tier that can still hold its events; bounded,
+            # since the set's lock is held and the broker may be away.
+            queued = await asyncio.wait_for(
+                count_waiting(self._connection, self.settings, name), timeout=COUNT_WAIT_S
+            )
         log.warning(
             "endpoint_removed",
             endpoint=name,
@@ -198,6 +223,26 @@ class EndpointSet:
             hint="its queue and delay queues are kept: re-add the endpoint to deliver them, "
             "or `python -m worker dlq retire` to move them to the dead-letter queue",
         )
+
+    async def _unbind(self, running: RunningEndpoint, patterns: Iterable[str]) -> None:
+        # Through the queue object that bound them, so the robust channel forgets them too.
+        queue = running.consumer.queue
+        if queue is not None:
+            await unbind_patterns(queue, self.settings.broker.exchange, patterns)
+
+    async def _unbind_elsewhere(self, name: str, patterns: Iterable[str]) -> None:
+        """Unbind ``patterns`` from an endpoint queue this worker does not consume (if the
+        queue exists), on a channel of its own."""
+        channel = await self._connection.channel()
+        try:
+            queue = await channel.declare_queue(
+                endpoint_queue(self.settings.broker.exchange, name), passive=True
+            )
+            await unbind_patterns(queue, self.settings.broker.exchange, patterns)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return  # never declared: nothing was bound
+        finally:
+            await close_quietly(channel)
 
     def _retire(self, running: RunningEndpoint) -> None:
         task = asyncio.create_task(

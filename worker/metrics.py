@@ -6,7 +6,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from producer import __version__
-from worker.outcomes import Reason
+from worker.outcomes import Action, Reason
 
 # The reasons a delivery can dead-letter with (``dlq retire``'s endpoint_removed is not one).
 DEAD_LETTER_REASONS = tuple(
@@ -145,8 +145,8 @@ class Metrics:
 
     def register_endpoint(self, endpoint: str) -> None:
         """Create every series of an endpoint at zero, so rates exist before the first event."""
-        for outcome in ("delivered", "retried", "dead_lettered"):
-            self.deliveries.labels(endpoint=endpoint, outcome=outcome)
+        for action in Action:
+            self.deliveries.labels(endpoint=endpoint, outcome=action.value)
         self.in_flight.labels(endpoint=endpoint)
         self.record_failures.labels(endpoint=endpoint)
         self.duration.labels(endpoint=endpoint)

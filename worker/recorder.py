@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 import aio_pika
-import aiormq
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
 from producer import headers
+from producer.connection import BROKER_GONE
 from producer.publisher import publish_confirmed
 from worker.outcomes import Reason
 from worker.topology import dead_letter_queue, delay_queue
@@ -128,6 +128,6 @@ async def settle(message: AbstractIncomingMessage, *, requeue: bool | None = Non
             await message.ack()
         else:
             await message.nack(requeue=requeue)
-    except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError):
+    except BROKER_GONE:
         return False
     return True

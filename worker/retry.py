@@ -12,17 +12,6 @@ from worker.settings import RetrySettings
 # the full schedule would only delay the operator's look at it.
 MAX_HANDLER_ERRORS = 3
 
-__all__ = [
-    "DELIVERED",
-    "MAX_HANDLER_ERRORS",
-    "Action",
-    "Decision",
-    "Reason",
-    "decide",
-    "delay_tiers",
-    "next_delay",
-]
-
 
 def decide(
     result: AttemptResult, attempt: int, retry: RetrySettings, handler_errors: int = 0

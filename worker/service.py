@@ -15,7 +15,7 @@ from producer.connection import BROKER_GONE, connect
 from producer.exchange import declare_exchange
 from worker.depths import QueueDepths, poll_depths
 from worker.endpoints import EndpointSet, close_quietly
-from worker.exceptions import ConfigError
+from worker.exceptions import ConfigError, HooklineError
 from worker.metrics import Metrics
 from worker.opsevents import OperationalEvents
 from worker.recorder import Recorder
@@ -23,9 +23,14 @@ from worker.reload import plan_reload
 from worker.server import HealthServer
 from worker.settings import Settings
 from worker.status import build_status
-from worker.topology import declare_dead_letter_queue, declare_unrouted_queue
+from worker.topology import (
+    declare_dead_letter_queue,
+    declare_unrouted_queue,
+    record_delay_tiers,
+)
 
 CONNECT_RETRY_FIRST_S = 0.5
+TIER_RECORDING_FAILURES: tuple[type[BaseException], ...] = (*BROKER_GONE, HooklineError)
 # A depth poll in progress at shutdown may finish its round (a few passive declares).
 POLLER_STOP_S = 5.0
 
@@ -73,6 +78,8 @@ class Worker:
         self._started = False
         self._closing = False  # set while the worker closes its own connections
         self._poller: asyncio.Task[None] | None = None
+        # Records the delay tiers in the exchange's manifest, retrying until it succeeds.
+        self._recording_tiers: asyncio.Task[None] | None = None
         self._stop_polling = asyncio.Event()
 
     def request_stop(self) -> None:
@@ -166,11 +173,11 @@ class Worker:
         self._closing = True
         try:
             if self._endpoints is not None:
-                await self._endpoints.stop_consuming()
-                await self._endpoints.close(drain_timeout_s=0)
+                await self._endpoints.discard()
             if self._poller is not None:
                 await self._stop_poller()
                 self._stop_polling.clear()
+            await self._stop_recording_tiers()
             self._endpoints = self._poller = self._publish_channel = None
             self._operational_events = None
             await self._close_connections()
@@ -206,6 +213,7 @@ class Worker:
         self._publish_channel = publish_channel
         await declare_dead_letter_queue(publish_channel, self.settings)
         await declare_unrouted_queue(publish_channel, self.settings)
+        self._record_tiers()
         self._operational_events = OperationalEvents(
             await declare_exchange(publish_channel, self.settings.broker.exchange),
             self.settings.broker.publish_timeout_s,
@@ -248,7 +256,11 @@ class Worker:
         plan = plan_reload(self.settings, loaded)
         if plan.needs_restart:
             log.warning("config_reload_needs_restart", sections=list(plan.needs_restart))
+        schedule_changed = plan.settings.retry.delays_s != self.settings.retry.delays_s
         self.settings = plan.settings
+        if schedule_changed:
+            await self._stop_recording_tiers()
+            self._record_tiers()
         assert self._operational_events is not None
         assert self._endpoints is not None
         self._operational_events.enabled = plan.settings.operational_events.enabled
@@ -270,6 +282,7 @@ class Worker:
                 await self._endpoints.stop_consuming()
                 await self._endpoints.close(self.settings.worker.shutdown_timeout_s)
             await self._stop_poller()
+            await self._stop_recording_tiers()
             if self._operational_events is not None:
                 await self._operational_events.close(self.settings.broker.publish_timeout_s)
             if self._publish_channel is not None:
@@ -279,6 +292,39 @@ class Worker:
             await self._close_connections()
             self.metrics.broker_connected.set(0)
         log.info("worker_stopped")
+
+    def _record_tiers(self) -> None:
+        """Record the configured delay tiers in the exchange's manifest (what ``dlq retire``
+        and ``status`` read), in the background: that is a confirmed publish, which a broker
+        in a resource alarm holds back, and the worker must start all the same. Retried with
+        backoff until it succeeds."""
+        self._recording_tiers = asyncio.create_task(
+            self._keep_recording_tiers(self.settings), name="record-delay-tiers"
+        )
+
+    async def _keep_recording_tiers(self, settings: Settings) -> None:
+        delay_s = CONNECT_RETRY_FIRST_S
+        while True:
+            assert self._publish_connection is not None
+            try:
+                channel = await self._publish_connection.channel()
+                try:
+                    await record_delay_tiers(channel, settings)
+                finally:
+                    await close_quietly(channel)
+                return
+            except TIER_RECORDING_FAILURES as exc:
+                log.warning(
+                    "delay_tiers_not_recorded", error=exc.__class__.__name__, retry_in_s=delay_s
+                )
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, settings.broker.connect_retry_max_s)
+
+    async def _stop_recording_tiers(self) -> None:
+        task, self._recording_tiers = self._recording_tiers, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     async def _stop_poller(self) -> None:
         if self._poller is None:

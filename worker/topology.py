@@ -316,8 +316,8 @@ async def _declare_endpoint(
     )
     for pattern in endpoint.events:
         await queue.bind(exchange, routing_key=pattern)
-    # Recorded before they are declared, so no delay queue ever exists unrecorded.
-    await record_delay_tiers(channel, settings)
+    # The tiers are recorded once per start (and reload), not per endpoint: see
+    # record_delay_tiers' callers.
     for delay in delay_tiers(settings.retry):
         await channel.declare_queue(
             delay_queue(settings.broker.exchange, endpoint.name, delay),
@@ -433,6 +433,7 @@ async def declare_all(channel: AbstractChannel, settings: Settings) -> None:
     """Everything the worker needs, for tools that run without a worker."""
     await declare_dead_letter_queue(channel, settings)
     await declare_unrouted_queue(channel, settings)
+    await record_delay_tiers(channel, settings)
     for endpoint in settings.endpoints:
         await declare_endpoint(channel, settings, endpoint)
 

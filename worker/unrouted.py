@@ -196,9 +196,8 @@ async def replay(
             else:
                 if pace is not None:
                     await pace.acquire()
-                copied, _ = headers.carried(message.headers)
+                copied = headers.replay_headers(message.headers)
                 copied[headers.MANDATORY] = "1"
-                copied[headers.PUBLISHED_AT] = headers.now_ms()
                 try:
                     await publish_confirmed(
                         exchange,
