@@ -173,10 +173,15 @@ async def test_dlq_commands(config: Path, broker: Broker, exchange_name: str) ->
     code, out, _ = await run_python("-m", "worker", "dlq", "replay", "--config", str(config))
     assert code == 0 and "replayed d-1 -> orders" in out
     assert await broker.depth(endpoint_queue(exchange_name, "orders")) == 1
-    code, _, err = await run_python(
+    code, out, err = await run_python(
         "-m", "worker", "dlq", "list", "--config", str(config), "--endpoint", "nope"
     )
-    assert code == 2 and "nope" in err
+    # Not configured: selected by header all the same, with a warning (it may be removed).
+    assert code == 0 and "warning:" in err and "'nope'" in err and "0 dead letters" in out
+    code, _, err = await run_python(
+        "-m", "worker", "send-test", "--config", str(config), "--endpoint", "nope"
+    )
+    assert code == 2 and "no endpoint named 'nope'" in err
 
 
 def write_events(directory: Path, event_type: str, count: int) -> Path:

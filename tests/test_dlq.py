@@ -51,6 +51,7 @@ from tests.helpers import (
     strand_in_earlier_tier,
 )
 from worker import dlq
+from worker.scan import REFRESH_AT_DELIVERY_COUNT
 from worker.settings import Settings
 from worker.topology import (
     dead_letter_overflow_queue,
@@ -551,7 +552,7 @@ async def test_event_over_a_delivery_limit_is_dead_lettered_listed_and_replayabl
     [row] = [json.loads(line) for line in out.splitlines()]
     fields = (row["event_id"], row["event_type"], row["endpoint"], row["reason"])
     assert fields == ("limited-1", "to.a", "a", "delivery_limit")
-    assert row["attempts"] == "2"
+    assert row["attempts"] == 2
     moment = datetime.fromisoformat(row["dead_lettered_at"])
     assert abs((datetime.now(UTC) - moment).total_seconds()) < 60
     assert work_queue in row["detail"]
@@ -584,7 +585,7 @@ async def test_repeated_reads_never_push_a_dead_letter_toward_a_delivery_limit(
     await broker.wait_depth(dead_letter, 3)
     messages = await broker.drain(dead_letter)
     counts = [int((m.headers or {}).get("x-delivery-count", 0)) for m in messages]
-    assert max(counts) <= dlq.REFRESH_AT_DELIVERY_COUNT, counts
+    assert max(counts) <= REFRESH_AT_DELIVERY_COUNT, counts
     assert {str((m.headers or {})["hookline-reason"]) for m in messages} == {"no_retry_status"}
     assert {str((m.headers or {})["hookline-detail"]) for m in messages} == {"test"}
 
@@ -605,7 +606,7 @@ async def test_fresh_copy_of_a_broker_dead_letter_keeps_what_x_death_said(
         await requeue_until_dead_lettered(broker, exchange_name, work_queue)
     dead_letter = dead_letter_queue(exchange_name)
     [before] = await dlq.list_dead_letters(declared)
-    for _ in range(dlq.REFRESH_AT_DELIVERY_COUNT + 1):
+    for _ in range(REFRESH_AT_DELIVERY_COUNT + 1):
         await broker.wait_depth(dead_letter, 1)
         assert await dlq.list_dead_letters(declared) == [before]
     await broker.wait_depth(dead_letter, 1)
