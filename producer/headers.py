@@ -172,10 +172,18 @@ def carried(headers: Mapping[str, Any] | None) -> tuple[dict[str, Any], list[str
     would change silently or make the publish fail, so it is left out and named instead.
     Strings that are not UTF-8 travel as byte arrays, with the same bytes.
     """
+    return _copyable(headers, NOT_CARRIED_PREFIXES)
+
+
+def _copyable(
+    headers: Mapping[str, Any] | None, skipped_prefixes: tuple[str, ...]
+) -> tuple[dict[str, Any], list[str]]:
+    """Headers whose names do not start with ``skipped_prefixes`` and that survive
+    re-encoding (kept), and the names of those that do not (dropped)."""
     kept: dict[str, Any] = {}
     dropped: list[str] = []
     for name, value in (headers or {}).items():
-        if not isinstance(name, str) or name.lower().startswith(NOT_CARRIED_PREFIXES):
+        if not isinstance(name, str) or name.lower().startswith(skipped_prefixes):
             continue
         portable = _portable(value)
         if _survives_reencoding(name, portable):
@@ -305,15 +313,6 @@ def without_broker_headers(original: Mapping[str, Any] | None) -> dict[str, Any]
     message as a dead-letter loop, and a copied ``x-delivery-count`` would mean nothing.
     Values that would not survive re-encoding are left out and named, as in :func:`carried`.
     """
-    kept: dict[str, Any] = {}
-    dropped: list[str] = []
-    for name, value in (original or {}).items():
-        if not isinstance(name, str) or name.lower().startswith("x-"):
-            continue
-        portable = _portable(value)
-        if _survives_reencoding(name, portable):
-            kept[name] = portable
-        else:
-            dropped.append(name)
+    kept, dropped = _copyable(original, ("x-",))
     with_dropped(kept, original, dropped)
     return kept

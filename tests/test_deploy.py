@@ -18,7 +18,16 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.conftest import REPO, Receiver, RunWorker, endpoint, make_settings, publish_events
+from tests.conftest import (
+    REPO,
+    Receiver,
+    RunWorker,
+    endpoint,
+    eventually,
+    make_settings,
+    publish_events,
+)
+from tests.helpers import as_async
 from worker.settings import Settings, load_settings, settings_from_document
 from worker.topology import endpoint_queue
 
@@ -258,6 +267,8 @@ async def test_every_metric_queried_is_exported_by_a_running_worker(
     worker = await run_worker(settings)
     await publish_events(exchange_name, 3, "e.event", "scrape")
     await receiver.wait_for(lambda: len(receiver.on("/gone")) == 3)
+    # The depth gauges exist once the first poll of queue depths is done.
+    await eventually(as_async(lambda: worker.depths.polled_at is not None))
     async with (
         aiohttp.ClientSession() as session,
         session.get(f"http://127.0.0.1:{worker.health.port}/metrics") as response,

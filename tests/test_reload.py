@@ -6,6 +6,7 @@ import asyncio
 import signal
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from standardwebhooks.webhooks import Webhook
@@ -192,12 +193,7 @@ async def test_an_endpoint_that_cannot_start_on_reload_is_retried_not_fatal(
     old = make_document(exchange_name, [endpoint("a", receiver.url("/a"), ["a.#"])])
     late = endpoint("late", receiver.url("/late"), ["late.#"])
     new = make_document(exchange_name, [endpoint("a", receiver.url("/a"), ["a.#"]), late])
-    documents = iter([new])
-    worker = Worker(
-        settings_from_document(old, Path("x.yaml"), {}),
-        Metrics(),
-        load_settings=lambda: settings_from_document(next(documents), Path("x.yaml"), {}),
-    )
+    worker = reloading_worker(old, new)
     channel = await broker.channel()
     conflicting = endpoint_queue(exchange_name, "late")
     await channel.declare_queue(conflicting, durable=True)  # classic, not quorum
@@ -240,16 +236,10 @@ async def test_a_start_retried_in_the_background_never_revives_an_older_version(
     a = endpoint("a", receiver.url("/a"), ["a.#"])
     old_late = endpoint("late", receiver.url("/old"), ["late.#"])
     new_late = endpoint("late", receiver.url("/new"), ["late.#"])
-    documents = iter(
-        [
-            make_document(exchange_name, [a, old_late]),
-            make_document(exchange_name, [a, new_late] if later == "changed" else [a]),
-        ]
-    )
-    worker = Worker(
-        settings_from_document(make_document(exchange_name, [a]), Path("x.yaml"), {}),
-        Metrics(),
-        load_settings=lambda: settings_from_document(next(documents), Path("x.yaml"), {}),
+    worker = reloading_worker(
+        make_document(exchange_name, [a]),
+        make_document(exchange_name, [a, old_late]),
+        make_document(exchange_name, [a, new_late] if later == "changed" else [a]),
     )
     channel = await broker.channel()
     conflicting = endpoint_queue(exchange_name, "late")
@@ -291,13 +281,9 @@ async def test_endpoint_removed_counts_what_waits_in_its_delay_queues(
     receiver.script("/gone", 503)
     gone = endpoint("gone", receiver.url("/gone"), ["gone.#"])
     keep = endpoint("keep", receiver.url("/keep"), ["keep.#"])
-    documents = iter([make_document(exchange_name, [keep], retry={"delays_s": [30]})])
-    worker = Worker(
-        settings_from_document(
-            make_document(exchange_name, [gone, keep], retry={"delays_s": [30]}), Path("x"), {}
-        ),
-        Metrics(),
-        load_settings=lambda: settings_from_document(next(documents), Path("x"), {}),
+    worker = reloading_worker(
+        make_document(exchange_name, [gone, keep], retry={"delays_s": [30]}),
+        make_document(exchange_name, [keep], retry={"delays_s": [30]}),
     )
     retrying = make_settings(exchange_name, [gone], retry={"delays_s": [30]})
     task = asyncio.create_task(worker.run())
@@ -326,11 +312,10 @@ async def test_an_endpoint_removed_while_its_start_was_retried_is_unbound(
     published afterwards do not pile up in its queue unseen."""
     a = endpoint("a", receiver.url("/a"), ["a.#"])
     late = endpoint("late", receiver.url("/late"), ["late.#"])
-    documents = iter([make_document(exchange_name, [a, late]), make_document(exchange_name, [a])])
-    worker = Worker(
-        settings_from_document(make_document(exchange_name, [a]), Path("x.yaml"), {}),
-        Metrics(),
-        load_settings=lambda: settings_from_document(next(documents), Path("x.yaml"), {}),
+    worker = reloading_worker(
+        make_document(exchange_name, [a]),
+        make_document(exchange_name, [a, late]),
+        make_document(exchange_name, [a]),
     )
     everything = make_settings(exchange_name, [a, late])
     channel = await broker.channel()
@@ -354,3 +339,14 @@ async def test_an_endpoint_removed_while_its_start_was_retried_is_unbound(
         await channel.queue_delete(conflicting)
         await channel.close()
         await broker.delete_all(everything)
+
+
+def reloading_worker(first: dict[str, Any], *later: dict[str, Any]) -> Worker:
+    """A worker started from the config document ``first`` whose reloads read the documents
+    ``later``, one per reload."""
+    documents = iter(later)
+    return Worker(
+        settings_from_document(first, Path("x.yaml"), {}),
+        Metrics(),
+        load_settings=lambda: settings_from_document(next(documents), Path("x.yaml"), {}),
+    )

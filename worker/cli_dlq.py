@@ -12,7 +12,13 @@ from worker import dlq
 from worker.cli_args import add_pacing, add_time_filters
 from worker.outcomes import Reason
 from worker.settings import Settings
-from worker.terminal import format_table, printable, progress_bar, terminal_json
+from worker.terminal import (
+    ReplayOutput,
+    format_table,
+    printable,
+    progress_bar,
+    terminal_json,
+)
 
 EXIT_BAD_INPUT = 2
 REASONS = tuple(reason.value for reason in Reason)
@@ -101,27 +107,21 @@ async def run_dlq(settings: Settings, args: argparse.Namespace) -> int:
         else:
             print(dead_letters_table(letters))
     elif command == "replay":
-        verb = "would replay" if args.dry_run else "replayed"
-
-        def report_one(letter: dlq.DeadLetter) -> None:
-            # At once, so an interrupted replay has said what it did.
-            print(
-                f"{verb} {printable(letter.event_id)} -> {printable(letter.endpoint)}", flush=True
-            )
-
-        with progress_bar("replaying" if not args.dry_run else "checking") as progress:
+        output = ReplayOutput(args.dry_run)
+        with output.progress() as progress:
             report = await dlq.replay(
                 settings,
                 chosen,
                 rate_per_s=args.rate,
                 dry_run=args.dry_run,
                 progress=progress,
-                on_replayed=report_one,
+                on_replayed=lambda letter: output.line(
+                    letter.event_id, f"-> {printable(letter.endpoint)}"
+                ),
             )
-        summary = f"{len(report.replayed)} {'to replay (dry run)' if report.dry_run else verb}"
-        if report.skipped_unknown_endpoint:
-            summary += f", {report.skipped_unknown_endpoint} left: endpoint not in config"
-        print(summary)
+        skipped = report.skipped_unknown_endpoint
+        notes = [f"{skipped} left: endpoint not in config"] if skipped else []
+        print(output.summary(len(report.replayed), *notes))
     elif command == "export":
         with progress_bar("exporting") as progress:
             exported = await dlq.export(settings, args.file, chosen, progress=progress)

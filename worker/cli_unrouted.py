@@ -12,7 +12,7 @@ from typing import Any
 from worker import unrouted
 from worker.cli_args import add_pacing, add_time_filters
 from worker.settings import Settings
-from worker.terminal import format_table, printable, progress_bar, terminal_json
+from worker.terminal import ReplayOutput, format_table, printable, terminal_json
 
 EXIT_BAD_INPUT = 2
 TABLE_HEADER = ("ID", "TYPE", "PUBLISHED AT", "BYTES")
@@ -65,24 +65,21 @@ async def run_unrouted(settings: Settings, args: argparse.Namespace) -> int:
         for event_type, count in unrouted.count_by_type(events):
             print(f"  {count:>6}  {printable(event_type)}")
     elif command == "replay":
-        verb = "would replay" if args.dry_run else "replayed"
-
-        def report_one(event: unrouted.UnroutedEvent) -> None:
-            print(f"{verb} {printable(event.event_id)} ({printable(event.event_type)})", flush=True)
-
-        with progress_bar("replaying" if not args.dry_run else "checking") as progress:
+        output = ReplayOutput(args.dry_run)
+        with output.progress() as progress:
             report = await unrouted.replay(
                 settings,
                 chosen,
                 rate_per_s=args.rate,
                 dry_run=args.dry_run,
                 progress=progress,
-                on_replayed=report_one,
+                on_replayed=lambda event: output.line(
+                    event.event_id, f"({printable(event.event_type)})"
+                ),
             )
-        summary = f"{len(report.replayed)} {'to replay (dry run)' if report.dry_run else verb}"
-        if report.still_unrouted:
-            summary += f", {report.still_unrouted} kept: still no endpoint subscribes to them"
-        print(summary)
+        kept = report.still_unrouted
+        notes = [f"{kept} kept: still no endpoint subscribes to them"] if kept else []
+        print(output.summary(len(report.replayed), *notes))
     else:
         if not args.yes:
             print("error: purge deletes unrouted events for good; add --yes", file=sys.stderr)

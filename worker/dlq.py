@@ -37,7 +37,7 @@ from producer.publisher import publish_confirmed
 from worker.outcomes import Reason
 from worker.ratelimit import TokenBucket
 from worker.recorder import Recorder, copy_message, settle
-from worker.scan import ScannedQueue
+from worker.scan import ScannedQueue, in_window
 from worker.settings import Settings
 from worker.terminal import ProgressCallback
 from worker.topology import (
@@ -131,15 +131,7 @@ class Selection:
             return False
         if self.event_type is not None and not topic_matches(self.event_type, letter.event_type):
             return False
-        if self.since is not None or self.until is not None:
-            moment = letter.dead_lettered_time
-            if moment is None:
-                return False
-            if self.since is not None and moment < self.since:
-                return False
-            if self.until is not None and moment > self.until:
-                return False
-        return True
+        return in_window(letter.dead_lettered_time, self.since, self.until)
 
 
 def topic_matches(pattern: str, routing_key: str) -> bool:
@@ -270,13 +262,13 @@ class ReplayReport:
     dry_run: bool = False
 
 
-class DeadLetterQueue(ScannedQueue):
+class DeadLetterQueue(ScannedQueue[DeadLetter]):
     """The dead-letter queue as one command sees it."""
 
     def fresh_copy(self, message: AbstractIncomingMessage) -> aio_pika.Message:
         return fresh_copy(message, self.settings.broker.exchange)
 
-    def letter(self, message: AbstractIncomingMessage) -> DeadLetter:
+    def record(self, message: AbstractIncomingMessage) -> DeadLetter:
         return DeadLetter.from_message(message, self.settings.broker.exchange)
 
     async def bring_back_overflow(self) -> int:
@@ -292,28 +284,6 @@ class DeadLetterQueue(ScannedQueue):
         if moved:
             await self.queue.declare()  # the depth the commands read now counts them
         return moved
-
-    async def matching(
-        self,
-        selection: Selection,
-        progress: ProgressCallback | None = None,
-        *,
-        keep_all: bool = False,
-    ) -> AsyncIterator[tuple[AbstractIncomingMessage, DeadLetter]]:
-        """Unacked messages that match ``selection``, in one pass over the queue. Those that
-        do not match are kept; so are those that do when ``keep_all`` (read-only commands)."""
-        found = 0
-        async for message in self.scan(progress):
-            letter = self.letter(message)
-            if selection.matches(letter):
-                found += 1
-                if keep_all:
-                    self.keep(message)
-                yield message, letter
-                if selection.limit is not None and found >= selection.limit:
-                    return
-            else:
-                self.keep(message)
 
 
 @asynccontextmanager

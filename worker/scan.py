@@ -16,6 +16,8 @@ everything (so a copy is never read twice).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Generic, Protocol, TypeVar
 
 import aio_pika
 from aio_pika.abc import (
@@ -36,9 +38,33 @@ from worker.terminal import ProgressCallback
 REFRESH_AT_DELIVERY_COUNT = 10
 
 
-class ScannedQueue:
+Record = TypeVar("Record")
+Seen = TypeVar("Seen", contravariant=True)
+
+
+class Selection(Protocol[Seen]):
+    """Which messages a command acts on: what ``matches``, at most ``limit`` of them."""
+
+    @property
+    def limit(self) -> int | None: ...
+
+    def matches(self, record: Seen, /) -> bool: ...
+
+
+def in_window(moment: datetime | None, since: datetime | None, until: datetime | None) -> bool:
+    """Whether ``moment`` lies in [``since``, ``until``] (either end may be open); an unknown
+    moment lies in no bounded window."""
+    if since is None and until is None:
+        return True
+    if moment is None:
+        return False
+    return (since is None or moment >= since) and (until is None or moment <= until)
+
+
+class ScannedQueue(Generic[Record]):
     """One queue as one command sees it, on a confirm channel of its own. Subclasses say
-    how to copy a message so that the copy reads the same (:meth:`fresh_copy`)."""
+    what a message means to the command (:meth:`record`) and how to copy one so that the
+    copy reads the same (:meth:`fresh_copy`)."""
 
     def __init__(
         self,
@@ -56,6 +82,9 @@ class ScannedQueue:
     @property
     def depth(self) -> int:
         return int(self.queue.declaration_result.message_count or 0)
+
+    def record(self, message: AbstractIncomingMessage) -> Record:
+        raise NotImplementedError
 
     def fresh_copy(self, message: AbstractIncomingMessage) -> aio_pika.Message:
         raise NotImplementedError
@@ -93,3 +122,25 @@ class ScannedQueue:
             yield message
             if progress is not None:
                 progress(seen, declared)
+
+    async def matching(
+        self,
+        selection: Selection[Record],
+        progress: ProgressCallback | None = None,
+        *,
+        keep_all: bool = False,
+    ) -> AsyncIterator[tuple[AbstractIncomingMessage, Record]]:
+        """Unacked messages that match ``selection``, in one pass over the queue. Those that
+        do not match are kept; so are those that do when ``keep_all`` (read-only commands)."""
+        found = 0
+        async for message in self.scan(progress):
+            record = self.record(message)
+            if not selection.matches(record):
+                self.keep(message)
+                continue
+            found += 1
+            if keep_all:
+                self.keep(message)
+            yield message, record
+            if selection.limit is not None and found >= selection.limit:
+                return

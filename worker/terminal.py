@@ -8,7 +8,7 @@ import json
 import re
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from rich.console import Console
@@ -58,6 +58,26 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], noun: str
     ]
     lines.append(f"{len(rows)} {noun}{'s' if len(rows) != 1 else ''}")
     return "\n".join(lines)
+
+
+class ReplayOutput:
+    """What ``dlq replay`` and ``unrouted replay`` print: one line per event as soon as it
+    is done (so an interrupted replay has said what it did), then a summary."""
+
+    def __init__(self, dry_run: bool) -> None:
+        self.dry_run = dry_run
+        self.verb = "would replay" if dry_run else "replayed"
+
+    def line(self, event_id: str, where: str) -> None:
+        print(f"{self.verb} {printable(event_id)} {where}", flush=True)
+
+    def progress(self) -> AbstractContextManager[ProgressCallback | None]:
+        return progress_bar("checking" if self.dry_run else "replaying")
+
+    def summary(self, count: int, *notes: str) -> str:
+        return ", ".join(
+            [f"{count} {'to replay (dry run)' if self.dry_run else self.verb}", *notes]
+        )
 
 
 @contextmanager

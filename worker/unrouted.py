@@ -30,7 +30,7 @@ from producer.publisher import publish_confirmed
 from worker.dlq import topic_matches
 from worker.ratelimit import TokenBucket
 from worker.recorder import copy_message, settle
-from worker.scan import ScannedQueue
+from worker.scan import ScannedQueue, in_window
 from worker.settings import Settings
 from worker.terminal import ProgressCallback
 from worker.topology import declare_unrouted_queue
@@ -98,44 +98,19 @@ class Selection:
     def matches(self, event: UnroutedEvent) -> bool:
         if self.event_type is not None and not topic_matches(self.event_type, event.event_type):
             return False
-        if self.since is not None or self.until is not None:
-            moment = event.published_time
-            if moment is None:
-                return False
-            if self.since is not None and moment < self.since:
-                return False
-            if self.until is not None and moment > self.until:
-                return False
-        return True
+        return in_window(event.published_time, self.since, self.until)
 
 
-class UnroutedQueue(ScannedQueue):
+class UnroutedQueue(ScannedQueue[UnroutedEvent]):
     """The unrouted queue as one command sees it."""
+
+    def record(self, message: AbstractIncomingMessage) -> UnroutedEvent:
+        return UnroutedEvent.from_message(message)
 
     def fresh_copy(self, message: AbstractIncomingMessage) -> aio_pika.Message:
         copied = headers.without_broker_headers(message.headers)
         copied[headers.ROUTING_KEY] = routing_key_of(message)
         return copy_message(message, copied)
-
-    async def matching(
-        self,
-        selection: Selection,
-        progress: ProgressCallback | None = None,
-        *,
-        keep_all: bool = False,
-    ) -> AsyncIterator[tuple[AbstractIncomingMessage, UnroutedEvent]]:
-        found = 0
-        async for message in self.scan(progress):
-            event = UnroutedEvent.from_message(message)
-            if selection.matches(event):
-                found += 1
-                if keep_all:
-                    self.keep(message)
-                yield message, event
-                if selection.limit is not None and found >= selection.limit:
-                    return
-            else:
-                self.keep(message)
 
 
 @asynccontextmanager
