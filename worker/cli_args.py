@@ -49,6 +49,15 @@ def rate(text: str) -> float:
     return float(match.group(1)) / RATE_UNITS_S[match.group(2)]
 
 
+def add_type_filter(parser: Any) -> None:
+    parser.add_argument(
+        "--type",
+        dest="event_type",
+        metavar="TYPE",
+        help="only this event type, or a topic pattern (order.*, user.#)",
+    )
+
+
 def add_time_filters(parser: Any, what: str) -> None:
     """``--since`` and ``--until`` (both inclusive), ``--limit``."""
     parser.add_argument(

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from worker import dlq
-from worker.cli_args import add_pacing, add_time_filters
+from worker.cli_args import add_pacing, add_time_filters, add_type_filter
 from worker.outcomes import Reason
 from worker.settings import Settings
 from worker.terminal import (
@@ -52,12 +52,7 @@ def add_commands(commands: Any) -> None:
             metavar="REASON",
             help=f"only this reason: {', '.join(REASONS)}",
         )
-        sub.add_argument(
-            "--type",
-            dest="event_type",
-            metavar="TYPE",
-            help="only this event type, or a topic pattern (order.*, user.#)",
-        )
+        add_type_filter(sub)
         add_time_filters(sub, "dead-lettered")
         if name == "list":
             sub.add_argument("--json", action="store_true", help="one JSON object per line")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from worker import unrouted
-from worker.cli_args import add_pacing, add_time_filters
+from worker.cli_args import add_pacing, add_time_filters, add_type_filter
 from worker.settings import Settings
 from worker.terminal import ReplayOutput, format_table, printable, terminal_json
 
@@ -30,12 +30,7 @@ def add_commands(commands: Any) -> None:
     ):
         sub = subcommands.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("--config", type=Path, default=Path("config.yaml"))
-        sub.add_argument(
-            "--type",
-            dest="event_type",
-            metavar="TYPE",
-            help="only this event type, or a topic pattern (order.*, user.#)",
-        )
+        add_type_filter(sub)
         add_time_filters(sub, "published")
         if name == "list":
             sub.add_argument("--json", action="store_true", help="one JSON object per line")

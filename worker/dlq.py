@@ -399,14 +399,7 @@ async def export(
 async def purge(settings: Settings, selection: Selection = Selection()) -> int:
     """Delete matching dead letters; returns how many."""
     async with open_dead_letter_queue(settings) as dead_letters:
-        if selection == Selection():
-            result = await dead_letters.queue.purge()
-            return int(result.message_count or 0)
-        purged = 0
-        async for message, _ in dead_letters.matching(selection):
-            if await settle(message):
-                purged += 1
-        return purged
+        return await dead_letters.purge(selection, everything=selection == Selection())
 
 
 async def count_by_endpoint_and_reason(

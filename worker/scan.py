@@ -123,6 +123,18 @@ class ScannedQueue(Generic[Record]):
             if progress is not None:
                 progress(seen, declared)
 
+    async def purge(self, selection: Selection[Record], everything: bool) -> int:
+        """Delete what matches ``selection`` (the whole queue at once when ``everything``);
+        returns how many."""
+        if everything:
+            result = await self.queue.purge()
+            return int(result.message_count or 0)
+        purged = 0
+        async for message, _ in self.matching(selection):
+            if await settle(message):
+                purged += 1
+        return purged
+
     async def matching(
         self,
         selection: Selection[Record],

@@ -194,11 +194,4 @@ async def replay(
 async def purge(settings: Settings, selection: Selection = Selection()) -> int:
     """Delete matching events; returns how many."""
     async with open_unrouted_queue(settings) as unrouted:
-        if selection == Selection():
-            result = await unrouted.queue.purge()
-            return int(result.message_count or 0)
-        purged = 0
-        async for message, _ in unrouted.matching(selection):
-            if await settle(message):
-                purged += 1
-        return purged
+        return await unrouted.purge(selection, everything=selection == Selection())
