@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-lowest bench lint format clean
+.PHONY: venv demo test test-lowest bench bench-scale bench-scale-10k lint format clean
 
 venv: $(STAMP)
 
@@ -33,10 +33,22 @@ test-lowest: venv
 	$(BIN)/uv pip install --quiet --python $(LOWEST)/bin/python --resolution lowest-direct -e '.[test]'
 	$(LOWEST)/bin/python -m pytest -m "not broker_faults and not slow" $(UNIT_TESTS)
 
-# Loopback-only benchmarks against the naive loop (about 25 minutes; BENCH_ARGS=--quick for 5).
+# Loopback-only benchmarks against the naive loop (about 25 minutes; BENCH_ARGS=--quick for 5),
+# then scenario (h) "endpoint count" for 100 and 1,000 endpoints (bench/scale.py; SCALE_ARGS
+# adds options, e.g. SCALE_ARGS='--queue-type classic'). `make bench-scale-10k` runs 10,000.
+SCALE_JSON = bench/results/scale-$(shell date -u +%Y%m%dT%H%M%SZ)
 bench: venv
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+	$(BIN)/python -m bench.scale --endpoints 100 --endpoints 1000 --json $(SCALE_JSON).json $(SCALE_ARGS)
+
+bench-scale: venv
+	$(BIN)/python -m bench.scale --endpoints 100 --endpoints 1000 --json $(SCALE_JSON).json $(SCALE_ARGS)
+
+# One worker with 10,000 endpoints on the local RabbitMQ node (several minutes; needs a broker
+# nothing else is loading, and about 2 GB of broker memory).
+bench-scale-10k: venv
+	$(BIN)/python -m bench.scale --endpoints 10000 --json $(SCALE_JSON)-10k.json $(SCALE_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .

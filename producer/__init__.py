@@ -12,7 +12,7 @@ from producer.exceptions import (
 )
 from producer.publisher import EventSpec, Publisher
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BrokerUnreachable",

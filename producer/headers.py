@@ -12,6 +12,8 @@ Headers Hookline writes (public contract):
   the first attempt on its retry copies; ``dlq replay`` sets the time of the replay).
   ``webhook_end_to_end_seconds`` is measured from it.
 - ``hookline-attempts``: attempts already made (on retry copies and dead letters).
+- ``hookline-retry-delay``: on a retry copy, the delay tier it waits in (``30s``): the
+  delay exchange routes on it.
 - ``hookline-handler-errors``: how many times the worker itself failed on the message.
 - ``hookline-routing-key``: on an event in ``<exchange>.unrouted`` that an operator command
   put back as a fresh copy, the routing key it was first published with.
@@ -47,6 +49,7 @@ REASON = "hookline-reason"
 LAST_STATUS = "hookline-last-status"
 DEAD_LETTERED_AT = "hookline-dead-lettered-at"
 DETAIL = "hookline-detail"
+RETRY_DELAY = "hookline-retry-delay"
 # Written by RabbitMQ.
 DELIVERY_COUNT = "x-delivery-count"
 DEATHS = "x-death"
@@ -118,6 +121,7 @@ class Death:
     queue: str
     reason: str
     time: datetime | None
+    routing_key: str = ""  # the first the message had when it left ``queue``
 
 
 def deaths(headers: Mapping[str, Any] | None) -> list[Death]:
@@ -136,11 +140,13 @@ def deaths(headers: Mapping[str, Any] | None) -> list[Death]:
         moment = entry.get("time")
         if isinstance(moment, datetime) and moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)  # AMQP timestamps are UTC
+        keys = entry.get("routing-keys")
         found.append(
             Death(
                 queue=text(entry.get("queue")),
                 reason=text(entry.get("reason")),
                 time=moment if isinstance(moment, datetime) else None,
+                routing_key=text(keys[0]) if isinstance(keys, list | tuple) and keys else "",
             )
         )
     return found
@@ -248,13 +254,15 @@ def dropped_note(headers: Mapping[str, Any]) -> str:
 
 
 def retry_headers(
-    original: Mapping[str, Any] | None, *, attempts: int, handler_errors: int
+    original: Mapping[str, Any] | None, *, attempts: int, handler_errors: int, tier: str
 ) -> dict[str, Any]:
-    """Headers of a retry copy. It keeps the first publish time, or records the first
-    attempt's as the best known for an event published without one."""
+    """Headers of a retry copy waiting in delay tier ``tier``. It keeps the first publish
+    time, or records the first attempt's as the best known for an event published without
+    one."""
     headers, dropped = carried(original)
     headers[PUBLISHED_AT] = published_at_ms(original) or now_ms()
     headers[ATTEMPTS] = attempts
+    headers[RETRY_DELAY] = tier
     if handler_errors:
         headers[HANDLER_ERRORS] = handler_errors
     with_dropped(headers, original, dropped)

@@ -29,9 +29,10 @@ from producer import EventSpec, Publisher
 from producer.exchange import declare_exchange
 from tests.faults import BrokerControl, TcpProxy
 from worker.metrics import Metrics
+from worker.retry import delay_tiers
 from worker.service import Worker
 from worker.settings import Settings, settings_from_document
-from worker.topology import declare_all, exchange_names, queue_names
+from worker.topology import declare_all, exchange_names, legacy_delay_queue, queue_names
 
 AMQP_URL = os.environ.get("HOOKLINE_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
 SECRET_A = "whsec_" + base64.b64encode(b"a" * 32).decode()
@@ -240,7 +241,12 @@ class Broker:
     async def delete_all(self, settings: Settings) -> None:
         channel = await self.channel()
         try:
-            for name in queue_names(settings):
+            legacy = [
+                legacy_delay_queue(settings.broker.exchange, endpoint.name, delay)
+                for endpoint in settings.endpoints
+                for delay in delay_tiers(settings.retry)
+            ]
+            for name in [*queue_names(settings), *legacy]:
                 await channel.queue_delete(name, if_unused=False, if_empty=False)
             for name in exchange_names(settings.broker.exchange):
                 await channel.exchange_delete(name)

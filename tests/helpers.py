@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from pamqp import body as pamqp_body
 from pamqp import commands, encode, exceptions, frame, header
 
+from producer.headers import ATTEMPTS
 from tests.conftest import (
     Broker,
     Receiver,
@@ -31,8 +32,15 @@ from tests.conftest import (
     publish_events,
 )
 from tests.faults import rabbitmqctl
-from worker.settings import settings_from_document
-from worker.topology import dead_letter_queue, delay_queue
+from worker.settings import RetrySettings, Settings, settings_from_document
+from worker.topology import (
+    dead_letter_queue,
+    declare_all,
+    delay_queue,
+    legacy_delay_queue,
+    legacy_delay_queue_arguments,
+    record_delay_tiers,
+)
 
 
 def amqp_field_values(max_leaves: int = 8) -> st.SearchStrategy[Any]:
@@ -345,10 +353,46 @@ async def strand_in_earlier_tier(
     after = make_document(exchange, endpoints, retry={"delays_s": [0.2]})
     worker = await run_worker(settings_from_document(before, Path("before.yaml"), {}))
     await publish_events(exchange, count, "gone.event", "stranded")
-    await broker.wait_depth(delay_queue(exchange, "gone", 60), count, timeout_s=15)
+    await broker.wait_depth(delay_queue(exchange, 60), count, timeout_s=15)
     await run_worker.stop(worker)
     await run_worker.stop(await run_worker(settings_from_document(after, Path("after.yaml"), {})))
     return before, after
+
+
+async def strand_in_legacy_tier(
+    broker: Broker, settings: Settings, endpoint_name: str, delay_s: float, count: int
+) -> str:
+    """``count`` events (message ids ``stranded-<n>``) waiting for ``endpoint_name`` in a
+    per-endpoint delay queue of ``delay_s`` as Hookline before 0.2 declared them, with the
+    tier recorded in the exchange's manifest; returns that queue's name."""
+    channel = await broker.channel()
+    try:
+        await declare_all(channel, settings)
+        await record_delay_tiers(
+            channel, settings.model_copy(update={"retry": RetrySettings(delays_s=(delay_s,))})
+        )
+        name = legacy_delay_queue(settings.broker.exchange, endpoint_name, delay_s)
+        await channel.declare_queue(
+            name,
+            durable=True,
+            arguments=legacy_delay_queue_arguments(settings, endpoint_name, delay_s),
+        )
+        for n in range(count):
+            event = {"id": f"evt_stranded_{n}", "type": f"{endpoint_name}.event", "data": {}}
+            body = json.dumps({**event, "timestamp": "2026-01-01T00:00:00Z"})
+            await channel.default_exchange.publish(
+                aio_pika.Message(
+                    body.encode(),
+                    message_id=f"stranded-{n}",
+                    headers={ATTEMPTS: 1},
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                ),
+                name,
+            )
+    finally:
+        await channel.close()
+    await broker.wait_depth(name, count)
+    return name
 
 
 async def peek_all(broker: Broker, name: str) -> list[AbstractIncomingMessage]:

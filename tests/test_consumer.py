@@ -40,12 +40,13 @@ from tests.helpers import (
     publish_raw,
     publishable_header_values,
 )
+from worker.channels import ConsumeChannel
 from worker.consumer import EndpointConsumer
 from worker.delivery import EndpointClient
 from worker.metrics import Metrics
 from worker.opsevents import OperationalEvents
 from worker.recorder import Recorder
-from worker.topology import dead_letter_queue, delay_queue, endpoint_queue
+from worker.topology import Probe, dead_letter_queue, delay_exchange, delay_queue, endpoint_queue
 
 
 async def publish(
@@ -555,7 +556,7 @@ async def test_hostile_messages_never_crash_or_wedge_the_worker(
     queues = [
         dead_letter_queue(exchange_name),
         endpoint_queue(exchange_name, "ep"),
-        delay_queue(exchange_name, "ep", 0.1),
+        delay_queue(exchange_name, 0.1),
     ]
 
     async def accounted() -> int:
@@ -632,9 +633,15 @@ async def test_a_crash_while_handling_ends_as_handler_error_not_a_loop(
         consumer = EndpointConsumer(
             settings=settings,
             endpoint=settings.endpoints[0],
-            channel=await connection.channel(),
+            channel=ConsumeChannel(await connection.channel(), dedicated=True, prefetch=32),
+            probe=Probe(publish_channel),
             client=client,
-            recorder=Recorder(exchange_name, publish_channel.default_exchange, 5),
+            recorder=Recorder(
+                exchange_name,
+                publish_channel.default_exchange,
+                5,
+                delays=await publish_channel.get_exchange(delay_exchange(exchange_name)),
+            ),
             metrics=Metrics(),
             operational_events=OperationalEvents(
                 await declare_exchange(publish_channel, exchange_name), 5, enabled=False
@@ -755,8 +762,8 @@ async def test_end_to_end_latency_counts_from_the_first_publish(
     settings = make_settings(
         exchange_name,
         [
-            endpoint("sdk", receiver.url("/sdk"), ["sdk.#"]),
-            endpoint("other", receiver.url("/other"), ["other.#"]),
+            endpoint("sdk", receiver.url("/sdk"), ["sdk.#"], metrics_detail=True),
+            endpoint("other", receiver.url("/other"), ["other.#"], metrics_detail=True),
         ],
         retry={"delays_s": [0.5]},
     )

@@ -30,7 +30,7 @@ from tests.conftest import (
     publish_events,
 )
 from tests.helpers import RecordingResolver
-from worker.delivery import EndpointClient, parse_retry_after
+from worker.delivery import EndpointClient, client_tls_context, parse_retry_after
 from worker.netguard import BLOCKED_MESSAGE
 from worker.outcomes import AttemptResult
 from worker.sendtest import run_send_test
@@ -702,3 +702,143 @@ async def test_anything_an_endpoint_answers_is_an_outcome() -> None:
             assert result.retry_after_s is None or 0 <= result.retry_after_s <= MAX_DELAY_S
     finally:
         server.close()
+
+
+async def test_session_is_opened_by_the_first_attempt(receiver: Receiver) -> None:
+    """A new client holds no connection pool; its first attempt opens one."""
+    client = client_for(receiver.url("/lazy"))
+    try:
+        assert not client.has_session
+        result = await client.attempt("evt-l1", b"{}")
+        assert result.delivered
+        assert client.has_session
+    finally:
+        await client.close()
+
+
+async def test_idle_session_is_closed_and_the_next_attempt_reopens(receiver: Receiver) -> None:
+    """close_if_idle leaves a session used within idle_s, closes an idle one, and the next
+    attempt delivers through a new session."""
+    client = client_for(receiver.url("/idle"))
+    try:
+        assert not await client.close_if_idle(0.0)  # nothing open yet
+        assert (await client.attempt("evt-i1", b"{}")).delivered
+        assert not await client.close_if_idle(3600.0)  # used well within the hour
+        assert client.has_session
+        assert await client.close_if_idle(0.0)
+        assert not client.has_session
+        assert (await client.attempt("evt-i2", b"{}")).delivered
+        assert client.has_session
+    finally:
+        await client.close()
+    assert [r.headers["webhook-id"] for r in receiver.on("/idle")] == ["evt-i1", "evt-i2"]
+
+
+async def test_running_attempt_keeps_its_session_open() -> None:
+    """close_if_idle does not close the session under an attempt still waiting for its
+    answer, however old that attempt is; once it has ended, the session is closed."""
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(_: web.Request) -> web.Response:
+        entered.set()
+        await release.wait()
+        return web.Response()
+
+    async with serve(slow) as url:
+        client = client_for(url)
+        try:
+            running = asyncio.ensure_future(client.attempt("evt-s1", b"{}"))
+            await asyncio.wait_for(entered.wait(), timeout=5)
+            assert not await client.close_if_idle(0.0)
+            assert client.has_session
+            release.set()
+            assert (await running).delivered
+            assert await client.close_if_idle(0.0)
+        finally:
+            release.set()
+            await client.close()
+
+
+async def test_attempt_during_an_idle_close_opens_a_new_session(receiver: Receiver) -> None:
+    """An attempt that starts while close_if_idle is still closing the old session does not
+    use it: it delivers through a session of its own, which stays open."""
+    client = client_for(receiver.url("/race"))
+    try:
+        assert (await client.attempt("evt-c1", b"{}")).delivered
+        closing = asyncio.ensure_future(client.close_if_idle(0.0))
+        await asyncio.sleep(0)  # the close has begun and not finished
+        assert not closing.done()
+        assert (await client.attempt("evt-c2", b"{}")).delivered
+        assert await closing
+        assert client.has_session
+    finally:
+        await client.close()
+
+
+async def test_closed_client_never_reopens(receiver: Receiver) -> None:
+    """close() is final: a later attempt raises RuntimeError (what a closed aiohttp session
+    raises, and so a handler_error in the consumer) without sending anything or opening a
+    session, and close_if_idle has nothing to close."""
+    client = client_for(receiver.url("/closed"))
+    assert (await client.attempt("evt-x1", b"{}")).delivered
+    await client.close()
+    with pytest.raises(RuntimeError):
+        await client.attempt("evt-x2", b"{}")
+    assert not client.has_session
+    assert not await client.close_if_idle(0.0)
+    assert [r.headers["webhook-id"] for r in receiver.on("/closed")] == ["evt-x1"]
+
+
+async def test_concurrent_first_attempts_share_one_pool() -> None:
+    """Twenty attempts started together on a new client open one session: with
+    max_in_flight 1 a single pool lets one request at a time reach the endpoint, where a
+    pool per attempt would let them overlap."""
+    current = highest = 0
+
+    async def counting(_: web.Request) -> web.Response:
+        nonlocal current, highest
+        current += 1
+        highest = max(highest, current)
+        await asyncio.sleep(0.01)
+        current -= 1
+        return web.Response()
+
+    async with serve(counting) as url:
+        client = client_for(url, max_in_flight=1)
+        try:
+            results = await asyncio.gather(
+                *(client.attempt(f"evt-m{index}", b"{}") for index in range(20))
+            )
+            assert client.has_session
+        finally:
+            await client.close()
+    assert all(result.delivered for result in results)
+    assert highest == 1
+
+
+async def test_clients_share_one_tls_context_with_the_ca_bundle(
+    tmp_path: Path, private_ca: tuple[trustme.CA, ssl.SSLContext]
+) -> None:
+    """One context from client_tls_context, given to several clients, trusts
+    security.ca_bundle for each of them."""
+    authority, context = private_ca
+    bundle = tmp_path / "ca.pem"
+    authority.cert_pem.write_to_path(str(bundle))
+    async with serve(ok, ssl_context=context) as url:
+        settings = make_settings(
+            "unused",
+            [endpoint("one", url, ["#"]), endpoint("two", url.replace("/hook", "/two"), ["#"])],
+            security={
+                "require_https": True,
+                "allow_private_networks": True,
+                "ca_bundle": str(bundle),
+            },
+        )
+        tls = client_tls_context(settings)
+        clients = [EndpointClient(settings, ep, tls=tls) for ep in settings.endpoints]
+        try:
+            results = [await client.attempt("evt-t1", b"{}") for client in clients]
+        finally:
+            for client in clients:
+                await client.close()
+    assert [result.status for result in results] == [200, 200]

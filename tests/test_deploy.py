@@ -37,10 +37,17 @@ KUBERNETES_VERSIONS = ("1.29.0", "1.37.0")  # oldest commonly supported, newest 
 SCHEMAS = Path(__file__).parent / "schemas"
 CUSTOM_SCHEMAS = {
     ("keda.sh/v1alpha1", "ScaledObject"): "scaledobject.keda.sh.json",
-    ("keda.sh/v1alpha1", "TriggerAuthentication"): "triggerauthentication.keda.sh.json",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor.monitoring.coreos.com.json",
 }
 METRIC_RE = re.compile(r"\b(webhook_[a-z_]+)\b")
+# Labels the Prometheus Operator gives every target of a ServiceMonitor. With honorLabels,
+# a series' own label of the same name wins, so the worker must export none but endpoint.
+OPERATOR_TARGET_LABELS = {"job", "instance", "namespace", "service", "pod", "container", "endpoint"}
+
+
+def custom_schema(key: tuple[str, str]) -> dict[str, Any]:
+    schema: dict[str, Any] = json.loads((SCHEMAS / CUSTOM_SCHEMAS[key]).read_text())
+    return schema
 
 
 def load_yaml_documents(path: Path) -> list[dict[str, Any]]:
@@ -138,8 +145,7 @@ def test_kubernetes_manifests_validate_against_schemas(version: str) -> None:
         key = (document["apiVersion"], document["kind"])
         # Both raise on the first field that does not fit its schema.
         if key in CUSTOM_SCHEMAS:
-            schema = json.loads((SCHEMAS / CUSTOM_SCHEMAS[key]).read_text())
-            jsonschema.validate(document, schema)
+            jsonschema.validate(document, custom_schema(key))
         else:
             kubernetes_validate.validate(document, version, strict=True)
         checked.add(document["kind"])
@@ -151,13 +157,12 @@ def test_kubernetes_manifests_validate_against_schemas(version: str) -> None:
         "ServiceMonitor",
         "PodDisruptionBudget",
         "ScaledObject",
-        "TriggerAuthentication",
     }
 
 
 def test_kubernetes_objects_fit_together() -> None:
-    """Probes, ports, selectors, grace period, secrets and KEDA triggers agree with the
-    config in the ConfigMap."""
+    """Probes, ports, selectors, grace period and secrets agree with the config in the
+    ConfigMap."""
     objects = kubernetes_objects()
     settings = kubernetes_settings(objects)
     pod = objects["Deployment"]["spec"]["template"]
@@ -183,15 +188,140 @@ def test_kubernetes_objects_fit_together() -> None:
         assert selector.get("matchLabels", selector).items() <= labels.items()
     service_port = objects["Service"]["spec"]["ports"][0]["name"]
     assert objects["ServiceMonitor"]["spec"]["endpoints"][0]["port"] == service_port
+    scale_target = objects["ScaledObject"]["spec"]["scaleTargetRef"]
+    assert scale_target["name"] == objects["Deployment"]["metadata"]["name"]
+
+
+def servicemonitor_job(objects: dict[str, dict[str, Any]]) -> str:
+    """The job label the Prometheus Operator gives the workers' series: the Service's
+    label named by jobLabel, else the Service's name."""
+    service = objects["Service"]
+    job_label = objects["ServiceMonitor"]["spec"].get("jobLabel")
+    if job_label is None:
+        return str(service["metadata"]["name"])
+    return str(service["metadata"]["labels"][job_label])
+
+
+def test_keda_scales_on_one_prometheus_trigger_over_the_backlog_gauge() -> None:
+    """One Prometheus trigger, whatever the number of endpoints: the largest of the
+    workers' total backlogs, on the job the ServiceMonitor produces. No queue, endpoint or
+    TriggerAuthentication is named anywhere."""
+    objects = kubernetes_objects()
+    settings = kubernetes_settings(objects)
     scaled = objects["ScaledObject"]["spec"]
-    assert scaled["scaleTargetRef"]["name"] == objects["Deployment"]["metadata"]["name"]
-    queues = {trigger["metadata"]["queueName"] for trigger in scaled["triggers"]}
-    assert queues == {endpoint_queue(settings.broker.exchange, e.name) for e in settings.endpoints}
-    [secret_ref] = objects["TriggerAuthentication"]["spec"]["secretTargetRef"]
-    assert secret_ref["key"] in objects["Secret"]["stringData"]
-    assert {t["authenticationRef"]["name"] for t in scaled["triggers"]} == {
-        objects["TriggerAuthentication"]["metadata"]["name"]
+    [trigger] = scaled["triggers"]
+    assert trigger["type"] == "prometheus"
+    assert "authenticationRef" not in trigger
+    metadata = trigger["metadata"]
+    query = metadata["query"]
+    assert METRIC_RE.findall(query) == ["webhook_backlog_messages"]
+    assert re.fullmatch(r"max\(sum by \(pod\) \(webhook_backlog_messages\{(.*)\}\)\)", query)
+    assert f'job="{servicemonitor_job(objects)}"' in query
+    assert "endpoint" not in query and "queue" not in query
+    for endpoint_settings in settings.endpoints:
+        assert endpoint_settings.name not in query
+        assert endpoint_queue(settings.broker.exchange, endpoint_settings.name) not in query
+    assert metadata["serverAddress"].startswith("http")
+    assert float(metadata["threshold"]) > 0
+    assert float(metadata["activationThreshold"]) >= 0
+    assert metadata["ignoreNullValues"] == "false"
+    # The metric comes from the workers: with none running, nothing would wake one.
+    assert 1 <= scaled["minReplicaCount"] <= scaled["maxReplicaCount"]
+    assert (scaled["pollingInterval"], scaled["cooldownPeriod"]) == (15, 300)
+
+
+def test_no_trigger_authentication_is_left_dangling() -> None:
+    """No (Cluster)TriggerAuthentication in deploy/kubernetes, listed or not, and no trigger
+    refers to one."""
+    kinds = {
+        document["kind"]
+        for path in KUBERNETES.glob("*.yaml")
+        for document in load_yaml_documents(path)
     }
+    assert not kinds & {"TriggerAuthentication", "ClusterTriggerAuthentication"}
+    for path in KUBERNETES.glob("*.yaml"):
+        assert "authenticationRef" not in path.read_text(), path.name
+
+
+def test_servicemonitor_keeps_the_workers_endpoint_label() -> None:
+    """The Prometheus Operator labels every target endpoint="<port name>"; honorLabels
+    keeps the worker's own endpoint label instead of renaming it exported_endpoint."""
+    objects = kubernetes_objects()
+    [scrape] = objects["ServiceMonitor"]["spec"]["endpoints"]
+    assert scrape["honorLabels"] is True
+    queries = [rule["expr"] for rule in alert_rules()] + dashboard_queries()
+    queries.append(objects["ScaledObject"]["spec"]["triggers"][0]["metadata"]["query"])
+    assert not [query for query in queries if "exported_endpoint" in query]
+
+
+def test_keda_query_takes_one_workers_total_not_the_sum_over_pods(tmp_path: Path) -> None:
+    """Evaluated by promtool on series as the ServiceMonitor scrapes them: two workers that
+    see the same queues (one not done polling every queue yet), notable endpoints and _other,
+    and another job's series with the same name. The result is the fuller worker's total."""
+    objects = kubernetes_objects()
+    query = objects["ScaledObject"]["spec"]["triggers"][0]["metadata"]["query"]
+    job = servicemonitor_job(objects)
+    backlog = {
+        ("hookline-worker-a", "billing"): 300,
+        ("hookline-worker-a", "_other"): 700,
+        ("hookline-worker-b", "billing"): 300,
+        ("hookline-worker-b", "_other"): 600,
+    }
+    series = [
+        {
+            "series": f'webhook_backlog_messages{{job="{job}",namespace="hookline",pod="{pod}",'
+            f'instance="{pod}:9100",endpoint="{endpoint_name}"}}',
+            "values": f"{value}x10",
+        }
+        for (pod, endpoint_name), value in backlog.items()
+    ]
+    series.append(
+        {
+            "series": 'webhook_backlog_messages{job="elsewhere",pod="other-0",endpoint="_other"}',
+            "values": "50000x10",
+        }
+    )
+    rules = tmp_path / "none.yml"
+    rules.write_text("groups: []\n")
+    tests = {
+        "rule_files": [rules.name],
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "promql_expr_test": [
+                    {
+                        "expr": query,
+                        "eval_time": "5m",
+                        "exp_samples": [{"labels": "{}", "value": 1000}],
+                    }
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "keda_test.yml"
+    path.write_text(yaml.safe_dump(tests))
+    result = subprocess.run(
+        [promtool(), "test", "rules", path.name],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_retries_are_queried_by_tier_and_circuits_counted() -> None:
+    """Retries wait in delay tiers shared by every endpoint, so no query of
+    webhook_retry_waiting_messages uses endpoint; the dashboard shows them by tier, and the
+    circuit counts per state (webhook_circuits)."""
+    queries = [rule["expr"] for rule in alert_rules()] + dashboard_queries()
+    retry_queries = [query for query in queries if "webhook_retry_waiting_messages" in query]
+    assert retry_queries
+    assert not [query for query in retry_queries if "endpoint" in query]
+    assert any("by (tier)" in query for query in dashboard_queries() if query in retry_queries)
+    assert any("webhook_circuits" in query for query in dashboard_queries())
 
 
 def promtool() -> str:
@@ -274,11 +404,13 @@ async def test_every_metric_queried_is_exported_by_a_running_worker(
         session.get(f"http://127.0.0.1:{worker.health.port}/metrics") as response,
     ):
         exported_text = await response.text()
-    exported = {
-        line.split("{")[0].split(" ")[0]
-        for line in exported_text.splitlines()
-        if line and not line.startswith("#")
+    samples = [line for line in exported_text.splitlines() if line and not line.startswith("#")]
+    exported = {line.split("{")[0].split(" ")[0] for line in samples}
+    labels = {
+        name for line in samples for name in re.findall(r'[{,]([a-z_]+)="', line.split(" ")[0])
     }
+    # honorLabels (servicemonitor.yaml) must override no label of Prometheus' own.
+    assert labels & OPERATOR_TARGET_LABELS == {"endpoint"}
     queried = {
         name
         for query in [rule["expr"] for rule in alert_rules()] + dashboard_queries()

@@ -38,6 +38,7 @@ from tests.conftest import (
     eventually,
     make_document,
     make_settings,
+    publish_events,
     run_python,
     write_config,
 )
@@ -48,15 +49,14 @@ from tests.helpers import (
     peek_all,
     put_raw_dead_letter,
     queue_policy,
-    strand_in_earlier_tier,
+    strand_in_legacy_tier,
 )
 from worker import dlq
 from worker.scan import REFRESH_AT_DELIVERY_COUNT
-from worker.settings import Settings
+from worker.settings import RetrySettings, Settings
 from worker.topology import (
     dead_letter_overflow_queue,
     dead_letter_queue,
-    delay_queue,
     endpoint_queue,
     inspect_queue,
 )
@@ -149,10 +149,16 @@ async def test_purge_by_endpoint_and_all(
 
 
 async def put_dead_letters(
-    broker: Broker, exchange: str, count: int, *, endpoint_name: str = "a",
-    reason: str = "attempts_exhausted", event_type: str = "to.a",
-    dead_lettered_at: str | None = None, prefix: str = "dl",
-) -> list[str]:  # fmt: skip
+    broker: Broker,
+    exchange: str,
+    count: int,
+    *,
+    endpoint_name: str = "a",
+    reason: str = "attempts_exhausted",
+    event_type: str = "to.a",
+    dead_lettered_at: str | None = None,
+    prefix: str = "dl",
+) -> list[str]:
     """Dead letters as a worker writes them, published straight into the queue (fast)."""
     moment = dead_lettered_at or datetime.now(UTC).isoformat(timespec="seconds")
     channel = await broker.channel()
@@ -161,15 +167,22 @@ async def put_dead_letters(
         for n in range(count):
             event_id, body = build_body(event_type, {"n": n}, event_id=f"{prefix}-{n}")
             headers = {
-                "hookline-endpoint": endpoint_name, "hookline-reason": reason,
-                "hookline-attempts": 3, "hookline-last-status": "503",
-                "hookline-dead-lettered-at": moment, "hookline-detail": "test",
-            }  # fmt: skip
+                "hookline-endpoint": endpoint_name,
+                "hookline-reason": reason,
+                "hookline-attempts": 3,
+                "hookline-last-status": "503",
+                "hookline-dead-lettered-at": moment,
+                "hookline-detail": "test",
+            }
             await channel.default_exchange.publish(
-                aio_pika.Message(body, message_id=event_id, headers=headers,
-                                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                aio_pika.Message(
+                    body,
+                    message_id=event_id,
+                    headers=headers,
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                ),
                 dead_letter_queue(exchange),
-            )  # fmt: skip
+            )
             ids.append(event_id)
         return ids
     finally:
@@ -213,10 +226,17 @@ async def test_list_filters_by_reason_type_and_since_and_prints_json(
     object per line; nothing leaves the queue."""
     old = (datetime.now(UTC) - timedelta(days=3)).isoformat(timespec="seconds")
     await put_dead_letters(broker, exchange_name, 2, dead_lettered_at=old, prefix="old")
-    await put_dead_letters(broker, exchange_name, 3, reason="no_retry_status", prefix="gone",
-                           event_type="order.cancelled")  # fmt: skip
-    await put_dead_letters(broker, exchange_name, 1, endpoint_name="b", prefix="b",
-                           event_type="order.created")  # fmt: skip
+    await put_dead_letters(
+        broker,
+        exchange_name,
+        3,
+        reason="no_retry_status",
+        prefix="gone",
+        event_type="order.cancelled",
+    )
+    await put_dead_letters(
+        broker, exchange_name, 1, endpoint_name="b", prefix="b", event_type="order.created"
+    )
     select = dlq.Selection
     assert len(await dlq.list_dead_letters(declared, select(reason="no_retry_status"))) == 3
     assert len(await dlq.list_dead_letters(declared, select(event_type="order.*"))) == 4
@@ -243,8 +263,9 @@ async def test_export_appends_json_lines_and_removes_only_what_it_wrote(
     ids = await put_dead_letters(broker, exchange_name, 250)
     await put_dead_letters(broker, exchange_name, 2, endpoint_name="b", prefix="b")
     archive = tmp_path / "dead.jsonl"
-    code, out, _ = await run_cli(declared, tmp_path, "export", "--file", str(archive),
-                                 "--endpoint", "a")  # fmt: skip
+    code, out, _ = await run_cli(
+        declared, tmp_path, "export", "--file", str(archive), "--endpoint", "a"
+    )
     assert (code, out.strip()) == (0, f"250 exported to {archive}")
     await broker.wait_depth(dead_letter_queue(exchange_name), 2)
     await run_cli(declared, tmp_path, "export", "--file", str(archive))
@@ -266,16 +287,27 @@ async def test_export_killed_midway_loses_nothing(
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(settings_document(declared)))
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "worker", "dlq", "export", "--file", str(archive),
-        "--config", str(config), cwd=REPO,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "worker",
+        "dlq",
+        "export",
+        "--file",
+        str(archive),
+        "--config",
+        str(config),
+        cwd=REPO,
+    )
     while not archive.exists() or archive.stat().st_size < 50_000:
         assert process.returncode is None, "export finished before it could be interrupted"
         await asyncio.sleep(0.005)
     process.kill()
     await process.wait()
-    exported = {json.loads(line)["message_id"] for line in archive.read_text().splitlines()
-                if line.endswith("}")}  # fmt: skip
+    exported = {
+        json.loads(line)["message_id"]
+        for line in archive.read_text().splitlines()
+        if line.endswith("}")
+    }
     remaining = {m.message_id for m in await _read_all(broker, exchange_name, len(ids))}
     assert remaining, "the export should have been interrupted midway"
     assert exported | remaining == set(ids)
@@ -321,10 +353,19 @@ async def test_replay_interrupted_midway_loses_nothing(
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(settings_document(declared)))
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "worker", "dlq", "replay", "--rate", "50/s",
-        "--config", str(config), cwd=REPO,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "worker",
+        "dlq",
+        "replay",
+        "--rate",
+        "50/s",
+        "--config",
+        str(config),
+        cwd=REPO,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
     await eventually(
         lambda: _at_least(broker, endpoint_queue(exchange_name, "a"), 20), timeout_s=20
     )
@@ -353,10 +394,19 @@ async def test_replay_shows_a_progress_bar_on_a_terminal(
     leader, follower = pty.openpty()
     try:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "worker", "dlq", "replay", "--rate", "20/s",
-            "--config", str(config), cwd=REPO,
-            stdout=asyncio.subprocess.DEVNULL, stderr=follower,
-        )  # fmt: skip
+            sys.executable,
+            "-m",
+            "worker",
+            "dlq",
+            "replay",
+            "--rate",
+            "20/s",
+            "--config",
+            str(config),
+            cwd=REPO,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=follower,
+        )
         os.close(follower)
         await asyncio.wait_for(process.wait(), timeout=60)
         drawn = b""
@@ -651,33 +701,72 @@ async def _holding(broker: Broker, queues: list[str], count: int) -> bool:
     return sum(inspected[0] for inspected in found if inspected is not None) == count
 
 
-async def test_retire_empties_delay_tiers_of_an_earlier_schedule(
+# What stays configured while another endpoint is retired.
+KEPT_ENDPOINT = endpoint("kept", "http://127.0.0.1/kept", ["kept.#"])
+
+
+async def test_retire_empties_legacy_delay_queues_of_an_earlier_schedule(
+    tmp_path: Path, exchange_name: str, broker: Broker
+) -> None:
+    """Events waiting in a per-endpoint delay queue of Hookline before 0.2, of a tier of an
+    earlier retry.delays_s schedule, are found through the delay-tier manifest: retire moves
+    them too and deletes that queue, which would otherwise expire them into a deleted work
+    queue."""
+    endpoints = [endpoint("gone", "http://127.0.0.1/", ["gone.#"])]
+    settings = make_settings(exchange_name, endpoints)
+    old_tier = await strand_in_legacy_tier(broker, settings, "gone", 60, 3)
+    config = write_config(tmp_path, make_document(exchange_name, [KEPT_ENDPOINT]))
+    try:
+        code, out, err = await run_python(
+            "-m", "worker", "dlq", "retire", "--config", str(config), "--endpoint", "gone"
+        )
+        assert (code, out.strip()) == (
+            0,
+            "3 moved to the dead-letter queue (reason endpoint_removed)",
+        ), err
+        for name in (old_tier, endpoint_queue(exchange_name, "gone")):
+            assert await inspect_queue(broker.connection, name) is None, name
+        letters = await broker.drain(dead_letter_queue(exchange_name))
+        assert sorted(m.message_id or "" for m in letters) == [f"stranded-{n}" for n in range(3)]
+        assert all(old_tier in str((m.headers or {})["hookline-detail"]) for m in letters)
+    finally:
+        await broker.delete_all(
+            settings.model_copy(update={"retry": RetrySettings(delays_s=(60,))})
+        )
+        await broker.delete_all(settings)
+        await broker.delete_all(make_settings(exchange_name, [KEPT_ENDPOINT]))
+
+
+async def test_a_retry_waiting_when_its_endpoint_is_retired_becomes_a_dead_letter(
     tmp_path: Path, exchange_name: str, receiver: Receiver, run_worker: RunWorker, broker: Broker
 ) -> None:
-    """Events waiting in a tier of an earlier retry.delays_s schedule are found through the
-    delay-tier manifest: retire moves them too and deletes that tier's queue, which would
-    otherwise expire them into a deleted work queue."""
-    _, after = await strand_in_earlier_tier(broker, run_worker, receiver, exchange_name, 3)
-    removed = {**after, "endpoints": [e for e in after["endpoints"] if e["name"] != "gone"]}
-    config = write_config(tmp_path, removed)
-    code, out, err = await run_python(
-        "-m", "worker", "dlq", "retire", "--config", str(config), "--endpoint", "gone"
-    )
-    assert (code, out.strip()) == (
-        0,
-        "3 moved to the dead-letter queue (reason endpoint_removed)",
-    ), err
-    old_tier = delay_queue(exchange_name, "gone", 60)
-    gone = [
-        old_tier,
-        delay_queue(exchange_name, "gone", 0.2),
-        endpoint_queue(exchange_name, "gone"),
-    ]
-    for name in gone:
-        assert await inspect_queue(broker.connection, name) is None, name
-    letters = await broker.drain(dead_letter_queue(exchange_name))
-    assert sorted(m.message_id or "" for m in letters) == [f"stranded-{n}" for n in range(3)]
-    assert all(old_tier in str((m.headers or {})["hookline-detail"]) for m in letters)
+    """A retry waiting in a shared delay tier while its endpoint is retired is not lost:
+    it reaches the dead-letter queue as endpoint_removed of that endpoint (moved by retire if
+    it expired first, through the retry exchange's alternate exchange if not)."""
+    receiver.script("/gone", 503)
+    endpoints = [endpoint("gone", receiver.url("/gone"), ["gone.#"])]
+    settings = make_settings(exchange_name, endpoints, retry={"delays_s": [2, 60]})
+    try:
+        worker = await run_worker(settings)
+        await publish_events(exchange_name, 1, "gone.event", "waiting")
+        await receiver.wait_for(lambda: len(receiver.on("/gone")) == 1)
+        await run_worker.stop(worker)
+        config = write_config(
+            tmp_path, make_document(exchange_name, [KEPT_ENDPOINT], retry={"delays_s": [2, 60]})
+        )
+        code, _, err = await run_python(
+            "-m", "worker", "dlq", "retire", "--config", str(config), "--endpoint", "gone"
+        )
+        assert code == 0, err
+        await broker.wait_depth(dead_letter_queue(exchange_name), 1, timeout_s=15)
+        letters = await dlq.list_dead_letters(settings)
+        assert [(d.endpoint, d.reason, d.attempts) for d in letters] == [
+            ("gone", "endpoint_removed", 1)
+        ]
+        assert await inspect_queue(broker.connection, endpoint_queue(exchange_name, "gone")) is None
+    finally:
+        await broker.delete_all(settings)
+        await broker.delete_all(make_settings(exchange_name, [KEPT_ENDPOINT]))
 
 
 async def test_a_removed_endpoints_dead_letters_are_selected_by_name(

@@ -76,9 +76,9 @@ def test_values_that_would_change_are_left_out_and_named() -> None:
     kept, dropped = headers.carried(original)
     assert sorted(dropped) == ["millis", "nan", "nested", "precise", "wide"]
     assert kept == {key: original[key] for key in ("exact", "decimal", "when", "list")}
-    retry = headers.retry_headers(original, attempts=2, handler_errors=0)
+    retry = headers.retry_headers(original, attempts=2, handler_errors=0, tier="5s")
     assert retry[headers.DROPPED_HEADERS] == "wide,precise,nan,millis,nested"
-    again = headers.retry_headers(retry, attempts=3, handler_errors=0)
+    again = headers.retry_headers(retry, attempts=3, handler_errors=0, tier="30s")
     assert again[headers.DROPPED_HEADERS] == "wide,precise,nan,millis,nested"
     letter = headers.dead_letter_headers(
         again,
@@ -102,7 +102,7 @@ def test_strings_that_are_not_utf8_travel_as_the_same_bytes() -> None:
 def test_dropped_names_are_printable_and_bounded() -> None:
     """A hostile header name cannot inject text into the note."""
     original = {"a,b\x1b[31m": 1e300, "z" * 300: 1e300}
-    copied = headers.retry_headers(original, attempts=1, handler_errors=0)
+    copied = headers.retry_headers(original, attempts=1, handler_errors=0, tier="5s")
     note = copied[headers.DROPPED_HEADERS]
     assert note.isascii() and "\x1b" not in note
     assert len(note) <= headers.MAX_DROPPED_NAMES_CHARS

@@ -48,8 +48,14 @@ async def test_worker_delivers_within_ten_percent_of_the_limit(
     settings = make_settings(
         exchange_name,
         [
-            endpoint("slowed", receiver.url("/slowed"), ["load.#"], rate_limit_per_s=50),
-            endpoint("free", receiver.url("/free"), ["load.#"]),
+            endpoint(
+                "slowed",
+                receiver.url("/slowed"),
+                ["load.#"],
+                rate_limit_per_s=50,
+                metrics_detail=True,
+            ),
+            endpoint("free", receiver.url("/free"), ["load.#"], metrics_detail=True),
         ],
     )
     worker = await run_worker(settings)

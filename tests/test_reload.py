@@ -28,12 +28,13 @@ from tests.conftest import (
     run_python,
     write_config,
 )
+from tests.helpers import strand_in_legacy_tier
 from worker.exceptions import Unroutable
 from worker.metrics import Metrics
 from worker.reload import plan_reload
 from worker.service import Worker
 from worker.settings import settings_from_document
-from worker.topology import dead_letter_queue, delay_queue, endpoint_queue, inspect_queue
+from worker.topology import dead_letter_queue, endpoint_queue, inspect_queue
 
 
 def test_plan_names_added_removed_and_changed_endpoints() -> None:
@@ -273,25 +274,22 @@ async def test_a_start_retried_in_the_background_never_revives_an_older_version(
         await broker.delete_all(make_settings(exchange_name, [a, new_late]))
 
 
-async def test_endpoint_removed_counts_what_waits_in_its_delay_queues(
+async def test_endpoint_removed_counts_what_waits_in_its_legacy_delay_queues(
     exchange_name: str, receiver: Receiver, broker: Broker
 ) -> None:
-    """The endpoint_removed log line counts the events left for the endpoint anywhere: its
-    work queue and its delay queues (it said 0 while retries waited)."""
-    receiver.script("/gone", 503)
+    """The endpoint_removed log line counts the events left for the endpoint that can be
+    counted: its work queue and its delay queues of Hookline before 0.2 (it said 0 while
+    retries waited there)."""
     gone = endpoint("gone", receiver.url("/gone"), ["gone.#"])
     keep = endpoint("keep", receiver.url("/keep"), ["keep.#"])
     worker = reloading_worker(
-        make_document(exchange_name, [gone, keep], retry={"delays_s": [30]}),
-        make_document(exchange_name, [keep], retry={"delays_s": [30]}),
+        make_document(exchange_name, [gone, keep]), make_document(exchange_name, [keep])
     )
-    retrying = make_settings(exchange_name, [gone], retry={"delays_s": [30]})
+    stranded = make_settings(exchange_name, [gone], retry={"delays_s": [60]})
+    await strand_in_legacy_tier(broker, stranded, "gone", 60, 3)
     task = asyncio.create_task(worker.run())
     try:
         await eventually(lambda: _ready(worker))
-        await publish_events(exchange_name, 3, "gone.event", "waiting")
-        await receiver.wait_for(lambda: len(receiver.on("/gone")) == 3)
-        await broker.wait_depth(delay_queue(exchange_name, "gone", 30), 3)
         with capture_logs() as logs:
             worker.request_reload()
             await eventually(lambda: _logged(logs, "config_reloaded"))
@@ -300,16 +298,17 @@ async def test_endpoint_removed_counts_what_waits_in_its_delay_queues(
     finally:
         worker.request_stop()
         await asyncio.wait_for(task, timeout=30)
-        await broker.delete_all(retrying)
+        await broker.delete_all(stranded)
+        await broker.delete_all(make_settings(exchange_name, [gone]))
         await broker.delete_all(worker.settings)
 
 
 async def test_an_endpoint_removed_while_its_start_was_retried_is_unbound(
     exchange_name: str, receiver: Receiver, broker: Broker
 ) -> None:
-    """A start that failed after binding (its delay queue conflicts) and is being retried;
-    a reload then removes the endpoint: its patterns are unbound all the same, so events
-    published afterwards do not pile up in its queue unseen."""
+    """A start that failed (its queue conflicts) and is being retried; a reload then removes
+    the endpoint: its patterns are unbound all the same (a failed start may have bound
+    them), so events published afterwards do not pile up in its queue unseen."""
     a = endpoint("a", receiver.url("/a"), ["a.#"])
     late = endpoint("late", receiver.url("/late"), ["late.#"])
     worker = reloading_worker(
@@ -319,8 +318,8 @@ async def test_an_endpoint_removed_while_its_start_was_retried_is_unbound(
     )
     everything = make_settings(exchange_name, [a, late])
     channel = await broker.channel()
-    conflicting = delay_queue(exchange_name, "late", everything.retry.delays_s[0])
-    await channel.declare_queue(conflicting, durable=True)  # classic, no TTL: conflicts
+    conflicting = endpoint_queue(exchange_name, "late")
+    await channel.declare_queue(conflicting, durable=True)  # classic: conflicts
     task = asyncio.create_task(worker.run())
     try:
         await eventually(lambda: _ready(worker))

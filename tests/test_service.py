@@ -48,12 +48,13 @@ async def get(port: int | None, path: str) -> tuple[int, str]:
 async def test_health_ready_and_metrics(
     exchange_name: str, receiver: Receiver, run_worker: RunWorker
 ) -> None:
-    """/healthz and /readyz answer 200 while consuming; /metrics has the contract series."""
+    """/healthz and /readyz answer 200 while consuming; /metrics has the contract series
+    (per endpoint for endpoints with metrics_detail, retries waiting per shared tier)."""
     settings = make_settings(
         exchange_name,
         [
-            endpoint("ok", receiver.url("/ok"), ["m.*"]),
-            endpoint("bad", receiver.url("/bad"), ["m.*"]),
+            endpoint("ok", receiver.url("/ok"), ["m.*"], metrics_detail=True),
+            endpoint("bad", receiver.url("/bad"), ["m.*"], metrics_detail=True),
         ],
         retry={"delays_s": [0.1]},
         metrics={"queue_poll_s": 0.2},
@@ -83,7 +84,7 @@ async def test_health_ready_and_metrics(
         "webhook_dead_letter_messages 1.0",
         "webhook_unrouted_messages 0.0",
         'webhook_backlog_messages{endpoint="ok"} 0.0',
-        'webhook_retry_waiting_messages{endpoint="bad"} 0.0',
+        'webhook_retry_waiting_messages{tier="100ms"} 0.0',
     ]
     for line in expected:
         assert line in text, line
@@ -120,7 +121,7 @@ async def test_stop_drains_in_flight_and_returns_the_rest(
     """On stop, started deliveries finish and are acked; unstarted ones stay queued."""
     settings = make_settings(
         exchange_name,
-        [endpoint("slow", receiver.url("/slow"), ["d.*"], max_in_flight=3)],
+        [endpoint("slow", receiver.url("/slow"), ["d.*"], max_in_flight=3, metrics_detail=True)],
         worker={"shutdown_timeout_s": 10},
     )
     receiver.script("/slow", (200, {}, 1.0))

@@ -3,40 +3,44 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import aio_pika
 import pytest
 from structlog.testing import capture_logs
 
+from producer import headers
 from tests.conftest import (
     Broker,
-    Receiver,
-    RunWorker,
     endpoint,
     eventually,
     make_settings,
     publish_events,
 )
-from tests.helpers import strand_in_earlier_tier
+from tests.helpers import strand_in_legacy_tier
+from worker.dlq import DeadLetter
 from worker.exceptions import TopologyConflict
-from worker.settings import settings_from_document
+from worker.settings import RetrySettings
 from worker.topology import (
     count_waiting,
     dead_letter_overflow_queue,
     dead_letter_queue,
     dead_letter_queue_arguments,
     declare_all,
+    delay_exchange,
     delay_label,
     delay_queue,
     delay_tier_manifest_queue,
     endpoint_of_work_queue,
     endpoint_queue,
+    is_delay_queue,
     known_delay_tiers,
     legacy_dead_letter_queue_arguments,
+    legacy_delay_queue,
     legacy_work_queue_arguments,
     queue_names,
     record_delay_tiers,
+    retry_exchange,
+    retry_orphans_exchange,
     unrouted_queue,
     work_queue_arguments,
 )
@@ -49,7 +53,17 @@ def test_names_follow_the_contract() -> None:
     assert dead_letter_overflow_queue("webhooks") == "webhooks.dead-letter.overflow"
     assert delay_tier_manifest_queue("webhooks") == "webhooks.delay-tiers"
     assert endpoint_queue("webhooks", "billing") == "webhooks.endpoint.billing"
-    assert delay_queue("webhooks", "billing", 30) == "webhooks.endpoint.billing.delay.30s"
+    assert delay_queue("webhooks", 30) == "webhooks.delay.30s"
+    assert legacy_delay_queue("webhooks", "billing", 30) == "webhooks.endpoint.billing.delay.30s"
+    assert (delay_exchange("webhooks"), retry_exchange("webhooks")) == (
+        "webhooks.delay",
+        "webhooks.retry",
+    )
+    assert retry_orphans_exchange("webhooks") == "webhooks.retry.orphans"
+    assert is_delay_queue("webhooks.delay.30s", "webhooks")
+    assert is_delay_queue("webhooks.delay.250ms", "webhooks")
+    assert not is_delay_queue("webhooks.endpoint.billing.delay.30s", "webhooks")
+    assert not is_delay_queue("other.delay.30s", "webhooks")
     assert delay_label(0.25) == "250ms"
     assert delay_label(21600) == "21600s"
     settings = make_settings(
@@ -60,9 +74,9 @@ def test_names_follow_the_contract() -> None:
         "wh.dead-letter.overflow",
         "wh.delay-tiers",
         "wh.unrouted",
+        "wh.delay.1s",
+        "wh.delay.2s",
         "wh.endpoint.a",
-        "wh.endpoint.a.delay.1s",
-        "wh.endpoint.a.delay.2s",
     ]
 
 
@@ -87,27 +101,77 @@ async def test_declare_twice_is_idempotent(
         await broker.delete_all(settings)
 
 
-async def test_delay_queue_returns_messages_to_the_endpoint_queue(
+@pytest.mark.parametrize("queue_type", ["quorum", "classic"])
+async def test_a_shared_delay_tier_returns_each_retry_to_its_own_endpoint(
+    broker: Broker, exchange_name: str, queue_type: str
+) -> None:
+    """Retries of two endpoints wait in the same tier, then each reappears in its own
+    endpoint's queue after the TTL, routed by the endpoint queue's name."""
+    settings = make_settings(
+        exchange_name,
+        [endpoint("a", "http://127.0.0.1/", ["x.*"]), endpoint("b", "http://127.0.0.1/", ["y.*"])],
+        retry={"delays_s": [0.2, 5]},
+        broker={"queue_type": queue_type},
+    )
+    try:
+        channel = await broker.connection.channel()
+        await declare_all(channel, settings)
+        delays = await channel.get_exchange(delay_exchange(exchange_name))
+        for name, body in (("a", b'{"to":"a"}'), ("b", b'{"to":"b"}'), ("b", b'{"to":"b2"}')):
+            await delays.publish(
+                aio_pika.Message(
+                    body,
+                    headers={headers.RETRY_DELAY: "200ms"},
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                ),
+                endpoint_queue(exchange_name, name),
+            )
+        await channel.close()
+        assert await broker.depth(endpoint_queue(exchange_name, "a")) == 0
+
+        async def arrived() -> bool:
+            return [
+                await broker.depth(endpoint_queue(exchange_name, name)) for name in ("a", "b")
+            ] == [1, 2]
+
+        await eventually(arrived, timeout_s=10)
+        assert [m.body for m in await broker.drain(endpoint_queue(exchange_name, "a"))] == [
+            b'{"to":"a"}'
+        ]
+        assert await broker.depth(delay_queue(exchange_name, 5)) == 0
+    finally:
+        await broker.delete_all(settings)
+
+
+async def test_a_retry_whose_endpoint_is_gone_becomes_a_dead_letter(
     broker: Broker, exchange_name: str
 ) -> None:
-    """A message put in a delay queue reappears in the endpoint queue after the TTL."""
+    """A retry that expires after its endpoint's queue was unbound from the retry exchange
+    reaches the dead-letter queue (through the alternate exchange), where the tools read it
+    as endpoint_removed from that endpoint: nothing vanishes."""
     settings = make_settings(
         exchange_name, [endpoint("a", "http://127.0.0.1/", ["x.*"])], retry={"delays_s": [0.2]}
     )
     try:
         channel = await broker.connection.channel()
         await declare_all(channel, settings)
-        await channel.default_exchange.publish(
-            aio_pika.Message(b"{}", delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-            delay_queue(exchange_name, "a", 0.2),
+        work = await channel.declare_queue(endpoint_queue(exchange_name, "a"), passive=True)
+        await work.unbind(retry_exchange(exchange_name), routing_key=work.name)
+        delays = await channel.get_exchange(delay_exchange(exchange_name))
+        await delays.publish(
+            aio_pika.Message(
+                b'{"id":"evt_1","type":"x.y"}',
+                headers={headers.RETRY_DELAY: "200ms", headers.ATTEMPTS: 1},
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            work.name,
         )
         await channel.close()
-        assert await broker.depth(endpoint_queue(exchange_name, "a")) == 0
-
-        async def arrived() -> bool:
-            return await broker.depth(endpoint_queue(exchange_name, "a")) == 1
-
-        await eventually(arrived, timeout_s=5)
+        await broker.wait_depth(dead_letter_queue(exchange_name), 1, timeout_s=10)
+        (letter,) = await broker.drain(dead_letter_queue(exchange_name))
+        read = DeadLetter.from_message(letter, exchange_name)
+        assert (read.endpoint, read.reason, read.event_id) == ("a", "endpoint_removed", "evt_1")
+        assert await broker.depth(work.name) == 0
     finally:
         await broker.delete_all(settings)
 
@@ -249,15 +313,28 @@ async def test_concurrent_tier_records_all_survive(broker: Broker, exchange_name
         await broker.delete_all(everything[0])
 
 
-async def test_count_waiting_includes_every_recorded_tier(
-    exchange_name: str, receiver: Receiver, run_worker: RunWorker, broker: Broker
+async def test_count_waiting_includes_legacy_delay_queues_of_every_recorded_tier(
+    exchange_name: str, broker: Broker
 ) -> None:
-    """What waits for an endpoint: its work queue plus every delay tier recorded for the
-    exchange, an earlier schedule's included (for the endpoint_removed log line)."""
-    _, after = await strand_in_earlier_tier(broker, run_worker, receiver, exchange_name, 3)
-    await publish_events(exchange_name, 2, "gone.event", "queued")
-    settings = settings_from_document(after, Path("after.yaml"), {})
-    await broker.wait_depth(endpoint_queue(exchange_name, "gone"), 2)
-    assert await count_waiting(broker.connection, settings, "gone") == 5
-    assert await count_waiting(broker.connection, settings, "keep") == 0
-    assert await count_waiting(broker.connection, settings, "never-declared") == 0
+    """What waits for an endpoint and can be counted without reading it: its work queue
+    plus its per-endpoint delay queues of Hookline before 0.2, of every tier recorded for
+    the exchange (for the endpoint_removed log line)."""
+    settings = make_settings(
+        exchange_name,
+        [
+            endpoint("gone", "http://127.0.0.1/", ["gone.#"]),
+            endpoint("keep", "http://127.0.0.1/", ["keep.#"]),
+        ],
+    )
+    try:
+        await strand_in_legacy_tier(broker, settings, "gone", 60, 3)
+        await publish_events(exchange_name, 2, "gone.event", "queued")
+        await broker.wait_depth(endpoint_queue(exchange_name, "gone"), 2)
+        assert await count_waiting(broker.connection, settings, "gone") == 5
+        assert await count_waiting(broker.connection, settings, "keep") == 0
+        assert await count_waiting(broker.connection, settings, "never-declared") == 0
+    finally:
+        await broker.delete_all(settings)
+        await broker.delete_all(
+            settings.model_copy(update={"retry": RetrySettings(delays_s=(60,))})
+        )

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
+
+import aio_pika
 
 from producer import Publisher
 from producer.exchange import declare_exchange
@@ -18,22 +21,26 @@ from tests.conftest import (
     run_python,
     write_config,
 )
-from tests.helpers import peek_all
+from tests.helpers import peek_all, strand_in_legacy_tier
 from tests.test_dlq import put_dead_letters
-from worker.settings import Settings, settings_from_document
+from worker.settings import RetrySettings, Settings, settings_from_document
 from worker.topology import (
     dead_letter_queue,
     dead_letter_queue_arguments,
     declare_unrouted_queue,
     delay_queue,
-    delay_queue_arguments,
     endpoint_queue,
     inspect_queue,
     legacy_dead_letter_queue_arguments,
+    legacy_delay_queue,
+    legacy_delay_queue_arguments,
     legacy_work_queue_arguments,
+    record_delay_tiers,
     work_queue_arguments,
 )
 from worker.upgrade import holding_queue
+
+DROPPED_EVENT = {"id": "evt_dropped", "type": "to.a", "data": {}}
 
 
 async def declare_the_old_way(broker: Broker, settings: Settings) -> None:
@@ -59,9 +66,9 @@ async def declare_the_old_way(broker: Broker, settings: Settings) -> None:
                 await queue.bind(exchange, routing_key=pattern)
             for delay in settings.retry.delays_s:
                 await channel.declare_queue(
-                    delay_queue(exchange_name, configured.name, delay),
+                    legacy_delay_queue(exchange_name, configured.name, delay),
                     durable=True,
-                    arguments=delay_queue_arguments(settings, configured.name, delay),
+                    arguments=legacy_delay_queue_arguments(settings, configured.name, delay),
                 )
     finally:
         await channel.close()
@@ -145,3 +152,74 @@ async def test_upgrade_recreates_old_queues_losing_nothing(
         for name in (holding_queue(work_queue), holding_queue(dead_letter)):
             await channel.queue_delete(name)
         await channel.close()
+
+
+async def test_retries_in_old_delay_queues_are_delivered_by_a_new_worker(
+    tmp_path: Path, exchange_name: str, receiver: Receiver, broker: Broker
+) -> None:
+    """Without upgrade-queues: retries waiting in per-endpoint delay queues of Hookline
+    before 0.2 expire into their endpoint's queue as before, and a worker of this version
+    (which declares only the shared tiers, and leaves the old queue alone) delivers them."""
+    document = make_document(exchange_name, [endpoint("a", receiver.url("/a"), ["to.a"])])
+    config = write_config(tmp_path, document)
+    settings = settings_from_document(document, config, {})
+    old_tier = await strand_in_legacy_tier(broker, settings, "a", 2, 3)
+    try:
+        async with WorkerProcess(config) as worker:
+            await worker.wait_for_log("worker_consuming")
+            await receiver.wait_for(lambda: len(receiver.on("/a")) == 3, timeout_s=30)
+            assert await worker.stop() == 0
+        assert sorted(receiver.delivered_ids("/a")) == [f"evt_stranded_{n}" for n in range(3)]
+        assert await inspect_queue(broker.connection, old_tier) == (0, 0)
+    finally:
+        await broker.delete_all(settings.model_copy(update={"retry": RetrySettings(delays_s=(2,))}))
+        await broker.delete_all(settings)
+
+
+async def test_upgrade_moves_old_delay_queues_into_the_shared_tiers(
+    tmp_path: Path, exchange_name: str, receiver: Receiver, broker: Broker
+) -> None:
+    """upgrade-queues empties per-endpoint delay queues of Hookline before 0.2 into the
+    shared tier of the same delay (or, for a delay no longer configured, straight into the
+    endpoint's queue), deletes them, and a worker then delivers every one of those events:
+    none lost, none left behind."""
+    document = make_document(
+        exchange_name, [endpoint("a", receiver.url("/a"), ["to.a"])], retry={"delays_s": [5]}
+    )
+    config = write_config(tmp_path, document)
+    settings = settings_from_document(document, config, {})
+    configured_tier = await strand_in_legacy_tier(broker, settings, "a", 5, 3)
+    dropped = settings.model_copy(update={"retry": RetrySettings(delays_s=(60,))})
+    dropped_tier = legacy_delay_queue(exchange_name, "a", 60)
+    channel = await broker.channel()
+    try:
+        await record_delay_tiers(channel, dropped)  # as the worker that declared it did
+        await channel.declare_queue(
+            dropped_tier, durable=True, arguments=legacy_delay_queue_arguments(dropped, "a", 60)
+        )
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                json.dumps({**DROPPED_EVENT, "timestamp": "2026-01-01T00:00:00Z"}).encode(),
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            dropped_tier,
+        )
+        code, out, err = await upgrade(config)
+        assert code == 0, err
+        assert f"removed {configured_tier}:" in out
+        assert f"removed {dropped_tier}: 1 retry(ies) moved out" in out
+        for old in (configured_tier, dropped_tier):
+            assert await inspect_queue(broker.connection, old) is None
+        async with WorkerProcess(config) as worker:
+            await worker.wait_for_log("worker_consuming")
+            await receiver.wait_for(lambda: len(receiver.on("/a")) == 4, timeout_s=30)
+            assert await worker.stop() == 0
+        assert sorted(receiver.delivered_ids("/a")) == [
+            "evt_dropped",
+            *(f"evt_stranded_{n}" for n in range(3)),
+        ]
+        assert await broker.depth(delay_queue(exchange_name, 5)) == 0
+    finally:
+        await channel.close()
+        await broker.delete_all(settings)
+        await broker.delete_all(dropped)

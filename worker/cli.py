@@ -40,11 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
     command("run", "deliver until SIGTERM or SIGINT; SIGHUP reloads the config")
     command("check-config", "validate the config and print endpoints and bindings")
     status = command("status", "queue depths, consumers, circuits and dead letters per endpoint")
-    status.add_argument("--worker", action="append", default=None, metavar="URL",
-                        help="a worker's metrics address to read circuit states from "
-                        "(repeatable; default: this host's metrics.port)")  # fmt: skip
-    status.add_argument("--scan-limit", type=positive_int, default=10_000,
-                        help="dead letters to read when counting them by reason")  # fmt: skip
+    status.add_argument(
+        "--worker",
+        action="append",
+        default=None,
+        metavar="URL",
+        help="a worker's metrics address to read circuit states from "
+        "(repeatable; default: this host's metrics.port)",
+    )
+    status.add_argument(
+        "--scan-limit",
+        type=positive_int,
+        default=10_000,
+        help="dead letters to read when counting them by reason",
+    )
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     send_test = command("send-test", "POST a signed hookline.test event to one endpoint")
     send_test.add_argument("--endpoint", required=True, help="the endpoint's name")
@@ -160,6 +169,9 @@ def describe_settings(settings: Settings, path: Path) -> str:
         ),
         f"operational events: {'on' if settings.operational_events.enabled else 'off'}",
         f"dead letters: {dead_letter_queue(exchange)}",
+        "delay tiers: "
+        + ", ".join(delay_queue(exchange, delay) for delay in delay_tiers(retry))
+        + " (shared by every endpoint)",
         "endpoints:",
     ]
     for endpoint in settings.endpoints:
@@ -173,10 +185,5 @@ def describe_settings(settings: Settings, path: Path) -> str:
             f"    timeout:   {settings.timeout_for(endpoint)} s, "
             f"max in flight {settings.max_in_flight_for(endpoint)}",
             f"    rate limit: {rate}",
-            "    delays:    "
-            + ", ".join(
-                delay_queue(exchange, endpoint.name, delay).rsplit(".", 1)[-1]
-                for delay in delay_tiers(retry)
-            ),
         ]
     return "\n".join(lines)

@@ -87,11 +87,18 @@ async def run_dlq(settings: Settings, args: argparse.Namespace) -> int:
     command = args.dlq_command
     if command == "retire":
         try:
-            moved = await dlq.retire(settings, args.endpoint)
+            retired = await dlq.retire(settings, args.endpoint)
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
-        print(f"{moved} moved to the dead-letter queue (reason endpoint_removed)")
+        print(f"{retired.moved} moved to the dead-letter queue (reason endpoint_removed)")
+        if retired.lost:
+            print(
+                f"error: {retired.lost} message(s) reached a queue in the instant after it was "
+                "emptied and were deleted with it",
+                file=sys.stderr,
+            )
+            return 1
         return 0
     chosen = selection(args)
     if command == "list":

@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
-from prometheus_client import Counter
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from producer import headers
 from producer.envelope import Envelope, parse_envelope
-from worker.acks import AckCoalescer
+from worker.channels import ConsumeChannel
 from worker.circuit import CircuitBreaker, CircuitState, Transition
 from worker.delivery import EndpointClient
 from worker.exceptions import InvalidEnvelope, PublishError
@@ -33,7 +32,7 @@ from worker.recent import RecentOutcomes
 from worker.recorder import Recorder, settle
 from worker.retry import decide
 from worker.settings import EndpointSettings, Settings
-from worker.topology import declare_endpoint
+from worker.topology import Probe, declare_endpoint
 
 # After an outcome could not be recorded, wait before requeueing, so that a broker in
 # trouble (alarm, failover) is not met with a tight redeliver-and-POST loop.
@@ -73,14 +72,16 @@ def prefetch_for(settings: Settings, endpoint: EndpointSettings) -> int:
 
 
 class EndpointConsumer:
-    """One endpoint's consumer on its own channel: its prefetch bounds its concurrency."""
+    """One endpoint's consumer: its prefetch bounds its concurrency, on a channel of its own
+    or shared with other endpoints' consumers (:mod:`worker.channels`)."""
 
     def __init__(
         self,
         *,
         settings: Settings,
         endpoint: EndpointSettings,
-        channel: AbstractChannel,
+        channel: ConsumeChannel,
+        probe: Probe,
         client: EndpointClient,
         recorder: Recorder,
         metrics: Metrics,
@@ -89,9 +90,9 @@ class EndpointConsumer:
         self._settings = settings
         self.endpoint = endpoint
         self._channel = channel
+        self._probe = probe
         self._client = client
         self._recorder = recorder
-        self._metrics = metrics
         self._operational_events = operational_events
         self._log = structlog.get_logger("hookline.delivery").bind(endpoint=endpoint.name)
         self._queue: AbstractQueue | None = None
@@ -111,23 +112,15 @@ class EndpointConsumer:
         self._prefetch = prefetch_for(settings, endpoint)
         breaker = settings.circuit_breaker
         self.breaker = CircuitBreaker(breaker) if breaker.enabled else None
-        self._circuit_state = metrics.circuit_state.labels(endpoint=endpoint.name)
-        self._circuit_state.set(CircuitState.CLOSED.value)
+        # Shared with a consumer this one replaces; its children follow the endpoint's
+        # notability (worker.series), so nothing here calls .labels().
+        self._series = metrics.series.register(endpoint)
+        self._series.set_circuit(CircuitState.CLOSED)
         self._rate_limit = (
             TokenBucket(endpoint.rate_limit_per_s) if endpoint.rate_limit_per_s else None
         )
-        self._rate_limited = metrics.rate_limited.labels(endpoint=endpoint.name)
         self.recent = RecentOutcomes()
-        self._acks = AckCoalescer()
-        self._in_flight = metrics.in_flight.labels(endpoint=endpoint.name)
-        self._duration = metrics.duration.labels(endpoint=endpoint.name)
-        self._end_to_end = metrics.end_to_end.labels(endpoint=endpoint.name)
-        # Labelled children looked up once: .labels() takes a lock on every call.
-        self._outcomes = {
-            action: metrics.deliveries.labels(endpoint=endpoint.name, outcome=action.value)
-            for action in Action
-        }
-        self._status_classes: dict[str, Counter] = {}
+        self._acks = channel.acks
 
     @property
     def running(self) -> bool:
@@ -151,8 +144,11 @@ class EndpointConsumer:
         return len(self._tasks)
 
     async def start(self) -> None:
-        # Declared on this channel so the robust channel re-declares it after a reconnect.
-        self._queue = await declare_endpoint(self._channel, self._settings, self.endpoint)
+        # Declared on this channel so the robust channel re-declares it after a reconnect;
+        # tried on the probe first, so a refusal cannot close a channel others share.
+        self._queue = await declare_endpoint(
+            self._channel.channel, self._settings, self.endpoint, self._probe
+        )
         await self._subscribe(self._prefetch)
         self._started = True
 
@@ -167,13 +163,13 @@ class EndpointConsumer:
 
     async def _subscribe(self, prefetch: int) -> None:
         assert self._queue is not None
-        # basic.qos applies to consumers started after it, hence always before consume.
-        await self._channel.set_qos(prefetch_count=prefetch)
         self._unsubscribed.clear()
         # Chosen here and stored before the RPC: a consume interrupted mid-way (stop during
         # a circuit change) may still have started on the broker, and must be cancellable.
         self._consumer_tag = f"hookline.{self.endpoint.name}.{uuid.uuid4().hex[:12]}"
-        await self._queue.consume(self._on_message, consumer_tag=self._consumer_tag)
+        await self._channel.consume(
+            self._queue, self._on_message, prefetch=prefetch, consumer_tag=self._consumer_tag
+        )
 
     async def _resubscribe(self, prefetch: int) -> None:
         """Subscribe after a circuit change, retrying while the broker connection is down:
@@ -220,7 +216,7 @@ class EndpointConsumer:
         if token.cancelled():
             return False
         if token.result():
-            self._rate_limited.inc()
+            self._series.count_rate_limited()
         return not self._holding_back()
 
     def _holding_back(self) -> bool:
@@ -360,7 +356,7 @@ class EndpointConsumer:
         async with self._subscription_lock:
             if self._stopped.is_set():
                 return
-            self._circuit_state.set(transition.new.value)
+            self._series.set_circuit(transition.new)
             if transition.new is CircuitState.OPEN:
                 await self._unsubscribe()
                 self._log.warning(
@@ -395,25 +391,24 @@ class EndpointConsumer:
                 return
             transition = self.breaker.half_open()
             self._give_way.clear()
-            self._circuit_state.set(transition.new.value)
+            self._series.set_circuit(transition.new)
             self._log.info("circuit_half_open", cooldown_s=cooldown_s)
             await self._resubscribe(1)
 
     async def _attempt(self, envelope: Envelope, body: bytes) -> AttemptResult:
-        self._in_flight.inc()
+        # Captured: the endpoint may move to or from _other before the attempt ends.
+        in_flight = self._series.start_attempt()
         try:
             result = await self._client.attempt(envelope.id, body)
         finally:
-            self._in_flight.dec()
+            in_flight.end_attempt()
+        if not result.delivered:
+            # Before counting, so that an endpoint this failure gives series of its own
+            # counts it there.
+            self._series.failed()
         if result.error is not ErrorKind.BLOCKED_DESTINATION:
-            self._duration.observe(result.duration_s)
-        counter = self._status_classes.get(result.status_class)
-        if counter is None:
-            counter = self._metrics.attempts.labels(
-                endpoint=self.endpoint.name, status_class=result.status_class
-            )
-            self._status_classes[result.status_class] = counter
-        counter.inc()
+            self._series.observe_duration(result.duration_s)
+        self._series.count_attempt(result.status_class)
         return result
 
     async def _record(
@@ -483,7 +478,7 @@ class EndpointConsumer:
         *,
         error: str,
     ) -> None:
-        self._metrics.record_failures.labels(endpoint=self.endpoint.name).inc()
+        self._series.count_record_failure()
         log.warning(
             "delivery_outcome_not_recorded",
             status=outcome.last_status,
@@ -513,7 +508,9 @@ class EndpointConsumer:
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
         decision, result = outcome.decision, outcome.result
-        self._outcomes[decision.action].inc()
+        if decision.action is not Action.ACK:
+            self._series.failed()  # also what was never attempted: invalid, handler errors
+        self._series.count_outcome(decision.action)
         fields: dict[str, Any] = {"status": outcome.last_status, "outcome": decision.action.value}
         if result is not None:
             fields["duration_ms"] = round(result.duration_s * 1000, 1)
@@ -522,9 +519,9 @@ class EndpointConsumer:
             # event may carry an old one. Without a publish time, this attempt was the first.
             published = headers.published_at_ms(message.headers)
             if published is not None:
-                self._end_to_end.observe(max(0.0, (headers.now_ms() - published) / 1000))
+                self._series.observe_end_to_end(max(0.0, (headers.now_ms() - published) / 1000))
             elif result is not None:
-                self._end_to_end.observe(result.duration_s)
+                self._series.observe_end_to_end(result.duration_s)
             log.info(OUTCOME_EVENTS[decision.action], **fields)
         else:
             fields["detail"] = outcome.detail
@@ -535,9 +532,7 @@ class EndpointConsumer:
             else:
                 assert decision.reason is not None
                 fields["reason"] = decision.reason.value
-                self._metrics.dead_lettered.labels(
-                    endpoint=self.endpoint.name, reason=decision.reason.value
-                ).inc()
+                self._series.count_dead_letter(decision.reason.value)
                 self._operational_events.event_dead_lettered(
                     self.endpoint.name,
                     event_id=envelope.id if envelope is not None else message.message_id,

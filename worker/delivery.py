@@ -40,14 +40,21 @@ CONNECTION_FAILED = "connection failed"
 # Retry-After longer than this many digits is past MAX_DELAY_S anyway (and int() refuses
 # strings of more than 4300 digits).
 MAX_RETRY_AFTER_DIGITS = 12
+# An endpoint's session (its connection pool) is closed after this long without a new
+# attempt, and the worker looks for such sessions this often.
+IDLE_CLOSE_S = 300.0
+IDLE_SWEEP_S = 60.0
 
 
 class EndpointClient:
     """The HTTP side of one endpoint: its own connection pool, so a hung endpoint that
     holds every connection it may have cannot take one from any other endpoint.
 
-    ``resolver`` replaces the system resolver underneath the SSRF guard (tests use it to
-    play a rebinding DNS server).
+    The pool (an aiohttp session) is opened at the first attempt and closed by
+    :meth:`close_if_idle`: a worker with thousands of endpoints holds pools only for those
+    that deliver. ``tls`` is the worker's one context from :func:`client_tls_context`;
+    without it the client builds its own. ``resolver`` replaces the system resolver
+    underneath the SSRF guard (tests use it to play a rebinding DNS server).
     """
 
     def __init__(
@@ -55,6 +62,8 @@ class EndpointClient:
         settings: Settings,
         endpoint: EndpointSettings,
         resolver: AbstractResolver | None = None,
+        *,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.endpoint = endpoint
         # Built once: the host checked below is the host of exactly this URL object.
@@ -74,52 +83,110 @@ class EndpointClient:
         # Through a proxy, the connector only ever reaches the (operator-chosen) proxy, so
         # every address of the endpoint's name is checked before each attempt instead.
         self._precheck: AbstractResolver | None = None
-        self._owned_resolver: AbstractResolver | None = None
+        # Resolvers this client created, closed by close() (each session's connector
+        # outlives none of them, and one made by the caller is the caller's to close).
+        self._owned_resolvers: list[AbstractResolver] = []
         if guarded and proxy is not None:
             if resolver is None:
-                resolver = self._owned_resolver = DefaultResolver()
+                resolver = DefaultResolver()
+                self._owned_resolvers.append(resolver)
             self._precheck = resolver
         self._allowed_networks = security.allowed_networks
         direct_guard = guarded and proxy is None
-        connector = aiohttp.TCPConnector(
-            limit=settings.max_in_flight_for(endpoint),
-            resolver=(
-                GuardedResolver(allowed_networks=security.allowed_networks, inner=resolver)
-                if direct_guard
-                else resolver
-            ),
-            # The address about to be dialled, checked again: IP literals never reach the
-            # resolver, so this is the check that cannot be bypassed by a host spelling.
-            socket_factory=(
-                guarded_socket_factory(security.allowed_networks) if direct_guard else None
-            ),
-            ssl=tls_context(security.ca_bundle),
+        # Kept for every session this client opens; None lets each connector own a default.
+        self._connector_resolver: AbstractResolver | None = resolver
+        if direct_guard:
+            guard = GuardedResolver(allowed_networks=security.allowed_networks, inner=resolver)
+            if resolver is None:
+                self._owned_resolvers.append(guard)
+            self._connector_resolver = guard
+        # The address about to be dialled, checked again: IP literals never reach the
+        # resolver, so this is the check that cannot be bypassed by a host spelling.
+        self._socket_factory = (
+            guarded_socket_factory(security.allowed_networks) if direct_guard else None
         )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(
-                total=settings.timeout_for(endpoint),
-                connect=settings.delivery.connect_timeout_s,
-            ),
-            headers={"user-agent": USER_AGENT, **endpoint.headers},
-            auto_decompress=False,
-            # Cookies an endpoint sets are neither kept nor sent back with later deliveries.
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("Accept-Encoding",),
-            proxy=proxy.get_secret_value() if proxy is not None else None,
-            max_line_size=MAX_RESPONSE_LINE_BYTES,
-            max_field_size=MAX_RESPONSE_LINE_BYTES,
-            max_headers=MAX_RESPONSE_HEADERS,
+        # Built here when not given, so that an unreadable ca_bundle fails at start as it
+        # always has, not as a connection error at the first attempt.
+        self._tls = tls if tls is not None else client_tls_context(settings)
+        self._limit = settings.max_in_flight_for(endpoint)
+        self._timeout = aiohttp.ClientTimeout(
+            total=settings.timeout_for(endpoint),
+            connect=settings.delivery.connect_timeout_s,
         )
+        self._headers = {"user-agent": USER_AGENT, **endpoint.headers}
+        self._proxy = proxy.get_secret_value() if proxy is not None else None
         self._max_response_bytes = settings.delivery.max_response_bytes
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+        self._running = 0
+        self._last_started = 0.0
+        # Idle closes under way, awaited by close() even if their sweep was cancelled.
+        self._closing: set[asyncio.Task[None]] = set()
+
+    @property
+    def has_session(self) -> bool:
+        """Whether a session (a connection pool) is open now."""
+        return self._session is not None
 
     async def close(self) -> None:
-        await self._session.close()
-        if self._owned_resolver is not None:
-            await self._owned_resolver.close()
+        """Close for good: a later attempt raises instead of opening a new session."""
+        self._closed = True
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+        await asyncio.gather(*self._closing)
+        for resolver in self._owned_resolvers:
+            await resolver.close()
+
+    async def close_if_idle(self, idle_s: float) -> bool:
+        """Close the session if no attempt is running and none started within ``idle_s``
+        seconds; True if one was closed. The next attempt opens a new one."""
+        session = self._session
+        if session is None or self._running or time.monotonic() - self._last_started < idle_s:
+            return False
+        # Detached before the first await: an attempt starting while this one closes opens
+        # a session of its own instead of picking up the closing one.
+        self._session = None
+        closing = asyncio.ensure_future(session.close())
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+        # Shielded: a sweep cancelled at shutdown must not leave a pool half closed.
+        await asyncio.shield(closing)
+        return True
+
+    def _open_session(self) -> aiohttp.ClientSession:
+        """The open session, or a new one. No await in here: concurrent first attempts
+        cannot interleave between the check and the creation, so they share one pool."""
+        if self._closed:
+            # The same type aiohttp raises for a closed session, and as that, not a delivery
+            # failure: classify_error lets it through as Hookline's own error.
+            raise RuntimeError("endpoint client is closed")
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self._limit,
+                resolver=self._connector_resolver,
+                socket_factory=self._socket_factory,
+                ssl=self._tls,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=self._timeout,
+                headers=self._headers,
+                auto_decompress=False,
+                # Cookies an endpoint sets are neither kept nor sent back with later
+                # deliveries.
+                cookie_jar=aiohttp.DummyCookieJar(),
+                skip_auto_headers=("Accept-Encoding",),
+                proxy=self._proxy,
+                max_line_size=MAX_RESPONSE_LINE_BYTES,
+                max_field_size=MAX_RESPONSE_LINE_BYTES,
+                max_headers=MAX_RESPONSE_HEADERS,
+            )
+        return self._session
 
     async def attempt(self, event_id: str, body: bytes) -> AttemptResult:
-        """POST ``body`` once, signed for this moment; never raises for delivery failures."""
+        """POST ``body`` once, signed for this moment; never raises for delivery failures.
+        After :meth:`close` it raises RuntimeError, as a closed aiohttp session does."""
         if self._literal_block:
             return AttemptResult(error=ErrorKind.BLOCKED_DESTINATION, detail=BLOCKED_MESSAGE)
         timestamp = int(time.time())
@@ -132,12 +199,14 @@ class EndpointClient:
             ),
         }
         started = time.perf_counter()
+        self._running += 1
+        self._last_started = time.monotonic()
         try:
             if self._precheck is not None:
                 await check_every_address(
                     self._precheck, self.endpoint.host, allowed_networks=self._allowed_networks
                 )
-            async with self._session.post(
+            async with self._open_session().post(
                 self._url, data=body, headers=headers, allow_redirects=False
             ) as response:
                 excerpt = await self._read_excerpt(response)
@@ -152,6 +221,8 @@ class EndpointClient:
             return AttemptResult(
                 error=error, detail=detail, duration_s=time.perf_counter() - started
             )
+        finally:
+            self._running -= 1
         return AttemptResult(
             status=status,
             detail=excerpt,
@@ -172,6 +243,13 @@ class EndpointClient:
             chunks.append(chunk)
             remaining -= len(chunk)
         return b"".join(chunks).decode("utf-8", "replace")[:LOG_EXCERPT_CHARS]
+
+
+def client_tls_context(settings: Settings) -> ssl.SSLContext:
+    """The context every client of a worker shares: build it once and pass it to each
+    ``EndpointClient(tls=...)``. Each one holds a parsed copy of the CA store (most of a
+    megabyte), too much to keep per endpoint."""
+    return tls_context(settings.security.ca_bundle)
 
 
 def tls_context(ca_bundle: Path | None) -> ssl.SSLContext:

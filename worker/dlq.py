@@ -8,7 +8,10 @@ the dead-letter queue, as fresh copies.
 Dead letters come from two places. The worker writes its own, with ``hookline-*`` headers
 saying why. The broker dead-letters a message from an endpoint's work queue when it is over
 a delivery limit: that letter carries the broker's ``x-death`` instead, from which the tools
-read the endpoint (the queue's name), the reason (``delivery_limit``) and the time.
+read the endpoint (the queue's name), the reason (``delivery_limit``) and the time. A retry
+whose endpoint was retired while it waited in a shared delay tier reaches the dead-letter
+queue through the retry exchange's alternate exchange: its ``x-death`` names the tier and,
+as routing key, the endpoint's queue; the tools read it as ``endpoint_removed``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import os
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -48,7 +51,9 @@ from worker.topology import (
     endpoint_queue,
     endpoint_queue_names,
     inspect_queues,
+    is_delay_queue,
     known_delay_tiers,
+    retry_exchange,
 )
 
 # Exported lines are fsynced, then their messages acked, in batches of this many. Kept
@@ -152,15 +157,19 @@ def broker_dead_lettering(
     found: dict[str, Any], exchange: str | None = None
 ) -> tuple[str, headers.Death] | None:
     """(endpoint, death) when the broker dead-lettered this message from an endpoint's work
-    queue; None for the dead letters the worker writes (their copies carry no ``x-death``).
+    queue, or orphaned a retry of a retired endpoint; None for the dead letters the worker
+    writes (their copies carry no ``x-death``).
 
     A letter the dead-letter queue itself pushed into the overflow queue has that death
-    first; the work queue's, if any, is further down the history.
+    first; the work queue's or the tier's, if any, is further down the history.
     """
     for death in headers.deaths(found):
         endpoint = endpoint_of_work_queue(death.queue, exchange)
         if endpoint is not None:
             return endpoint, death
+        orphaned = endpoint_of_work_queue(death.routing_key, exchange)
+        if orphaned is not None and is_delay_queue(death.queue, exchange):
+            return orphaned, replace(death, reason=Reason.ENDPOINT_REMOVED.value)
     return None
 
 
@@ -415,13 +424,21 @@ async def count_by_endpoint_and_reason(
     return counts, sum(counts.values()), total
 
 
-async def retire(settings: Settings, endpoint: str) -> int:
-    """Move what is left in a removed endpoint's queue and delay queues into the dead-letter
-    queue (reason ``endpoint_removed``), then delete those queues; returns how many moved.
+@dataclass(frozen=True, slots=True)
+class Retired:
+    moved: int  # letters moved into the dead-letter queue
+    lost: int  # messages the broker deleted with a queue in the instant after it was emptied
 
-    Delay queues are those of every delay tier ever recorded for the exchange (earlier
-    ``retry.delays_s`` schedules too), emptied first, since they expire into the endpoint's
-    queue. Refused while any worker still consumes it.
+
+async def retire(settings: Settings, endpoint: str) -> Retired:
+    """Move what is left in a removed endpoint's queue into the dead-letter queue (reason
+    ``endpoint_removed``), then delete it. Refused while any worker still consumes it.
+
+    The queue is first unbound from the retry exchange: a retry of the endpoint still
+    waiting in a shared delay tier then reaches the dead-letter queue by itself when it
+    expires (through the retry exchange's alternate exchange), also as ``endpoint_removed``.
+    Legacy per-endpoint delay queues (before 0.2), of every delay tier ever recorded for
+    the exchange, are emptied first, since they expire into the endpoint's queue.
     """
     if endpoint in {configured.name for configured in settings.endpoints}:
         raise ValueError(f"endpoint {endpoint!r} is still configured; remove it and reload first")
@@ -446,6 +463,10 @@ async def retire(settings: Settings, endpoint: str) -> int:
                 f"{work_queue} still has {work[1]} consumer(s): reload every worker first"
             )
         recorder = Recorder(exchange, channel.default_exchange, settings.broker.publish_timeout_s)
+        lost = 0
+        if work is not None:
+            queue = await channel.declare_queue(work_queue, passive=True)
+            await queue.unbind(retry_exchange(exchange), routing_key=work_queue)
         for name in names:
             if found.get(name) is None:
                 continue
@@ -463,5 +484,6 @@ async def retire(settings: Settings, endpoint: str) -> int:
                 moved += 1
             # Quorum queues support no if-empty delete; nothing routes here any more, and
             # the queue was just read empty.
-            await queue.delete(if_unused=False, if_empty=False)
-    return moved
+            deleted = await channel.queue_delete(name, if_unused=False, if_empty=False)
+            lost += int(deleted.message_count or 0)
+    return Retired(moved, lost)

@@ -1,17 +1,26 @@
-"""The endpoints a worker delivers to, each with its channel, HTTP client and consumer.
+"""The endpoints a worker delivers to, each with its consume channel, HTTP client and
+consumer: the running set, which the worker (and a reload) drives through :meth:`start`,
+:meth:`apply`, :meth:`stop_consuming` and :meth:`close`.
 
 One lock serialises every change to the set: the first start, a reload's changes, a start
 retried in the background after the broker refused it, and the stop. So a start retried in
 the background can never register a consumer for an endpoint that a later reload changed
 (old URL, old secret) or removed (re-binding it), and stopping stops every consumer,
-including one that a background start had just registered.
+including one that a background start had just registered. Within a change, endpoints are
+started :data:`START_CONCURRENCY` at a time: at 10,000 endpoints a start is broker round
+trips, not work.
+
+An endpoint costs a queue, a consumer and a few objects; its HTTP connection pool exists
+only while it has work (closed after :data:`worker.delivery.IDLE_CLOSE_S` idle), and its
+channel is shared beyond ``worker.channel_per_endpoint_up_to`` endpoints (see
+:mod:`worker.channels`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,16 +29,21 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from producer.connection import BROKER_GONE
-from worker.consumer import EndpointConsumer
-from worker.delivery import EndpointClient
+from worker.channels import ChannelPool, ConsumeChannel
+from worker.consumer import EndpointConsumer, prefetch_for
+from worker.delivery import IDLE_CLOSE_S, IDLE_SWEEP_S, EndpointClient, client_tls_context
 from worker.exceptions import HooklineError
 from worker.metrics import Metrics
 from worker.opsevents import OperationalEvents
 from worker.recorder import Recorder
 from worker.reload import ReloadPlan
 from worker.settings import EndpointSettings, Settings
-from worker.topology import count_waiting, endpoint_queue, unbind_patterns
+from worker.topology import Probe, count_waiting, endpoint_queue, unbind_patterns
 
+# Endpoints started (declared, bound, subscribed) at the same time.
+START_CONCURRENCY = 128
+# Channels on which queue declarations are tried first (see worker.topology.Probe).
+PROBE_CHANNELS = 16
 RETRY_FIRST_DELAY_S = 0.5
 # The endpoint_removed line waits at most this long for its count of what is left.
 COUNT_WAIT_S = 5.0
@@ -43,7 +57,7 @@ log = structlog.get_logger("hookline.worker")
 
 @dataclass(slots=True)
 class RunningEndpoint:
-    channel: AbstractChannel
+    channel: ConsumeChannel
     client: EndpointClient
     consumer: EndpointConsumer
 
@@ -68,6 +82,15 @@ class EndpointSet:
         self._running: dict[str, RunningEndpoint] = {}
         self._lock = asyncio.Lock()
         self._closed = False
+        self._pool = ChannelPool(
+            connection, dedicated_up_to=settings.worker.channel_per_endpoint_up_to
+        )
+        self._tls = client_tls_context(settings)
+        # Opened by start(): the probe's anchor, so a refused declare closes none of the
+        # consumers' channels.
+        self._anchor: AbstractChannel | None = None
+        self._probe: Probe | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         # Starts being retried after the broker refused them, by endpoint name.
         self._retrying: dict[str, asyncio.Task[None]] = {}
         # Consumers replaced or removed, finishing their in-flight deliveries.
@@ -82,17 +105,29 @@ class EndpointSet:
         a reload does not make the worker unready: the others deliver)."""
         return all(running.consumer.running for running in self._running.values())
 
+    async def settled(self) -> None:
+        """Returns once the consumers a reload replaced or removed have finished."""
+        while self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
+
     def in_flight_tasks(self) -> set[asyncio.Task[Any]]:
         return set().union(
             *(running.consumer.in_flight_tasks for running in self._running.values())
         )
 
+    @property
+    def size(self) -> int:
+        return len(self._running)
+
     async def start(self) -> None:
-        """Start every configured endpoint; a refusal here is the caller's to report."""
+        """Start every configured endpoint; a refusal here is the caller's to report (the
+        starts still running are cancelled first)."""
         async with self._lock:
-            for endpoint in self.settings.endpoints:
-                self._metrics.register_endpoint(endpoint.name)
-                await self._start(endpoint)
+            self._anchor = await self._connection.channel()
+            self._probe = Probe(self._anchor, size=PROBE_CHANNELS)
+
+            await _bounded(map(self._start, self.settings.endpoints), START_CONCURRENCY)
+        self._sweeper = asyncio.create_task(self._sweep_idle_clients(), name="sweep-http")
 
     async def apply(self, plan: ReloadPlan) -> list[str]:
         """Apply a reload: endpoints removed, changed and added. Returns the names whose
@@ -103,26 +138,33 @@ class EndpointSet:
                 return failed
             previous = {endpoint.name: endpoint for endpoint in self.settings.endpoints}
             self.settings = plan.settings
-            for name in (*plan.removed, *plan.changed, *plan.added):
+            wanted = {endpoint.name: endpoint for endpoint in plan.settings.endpoints}
+
+            async def apply_one(name: str) -> None:
                 # A start still being retried is for a version this plan supersedes.
                 self._stop_retrying(name)
                 try:
                     if name in plan.removed:
                         await self._remove(name, previous[name])
                     else:
-                        await self._replace(name, plan.settings.endpoint(name), previous.get(name))
+                        await self._replace(name, wanted[name], previous.get(name))
                 except START_FAILURES as exc:
                     failed.append(name)
                     reason = str(exc) or exc.__class__.__name__
                     log.error("config_reload_failed", endpoint=name, error=reason)
                     if name not in plan.removed:
-                        self._retry_start(plan.settings.endpoint(name))
+                        self._retry_start(wanted[name])
+
+            # Removals first, so their channels' room is free for what is added.
+            await _bounded(map(apply_one, plan.removed), START_CONCURRENCY)
+            await _bounded(map(apply_one, (*plan.changed, *plan.added)), START_CONCURRENCY)
         return failed
 
     async def stop_consuming(self) -> None:
         """Stop taking messages on every endpoint; no start can happen afterwards."""
         async with self._lock:
             self._closed = True
+            await self._stop_sweeping()
             for name in list(self._retrying):
                 self._stop_retrying(name)
             # Together: with the broker away, each cancel waits out its bound.
@@ -135,6 +177,7 @@ class EndpointSet:
         (its consumers end with the connection); HTTP clients are closed and in-flight
         deliveries cancelled (their messages were not acked)."""
         self._closed = True
+        await self._stop_sweeping()
         for name in list(self._retrying):
             self._stop_retrying(name)
         await drain(self.in_flight_tasks(), timeout_s=0)
@@ -150,15 +193,25 @@ class EndpointSet:
         for each in running:
             await each.client.close()
         for each in reversed(running):
-            await close_quietly(each.channel)
+            if each.channel.dedicated:
+                await close_quietly(each.channel.channel)
+        await self._pool.close()
+        if self._probe is not None:
+            await self._probe.close()
+        if self._anchor is not None:
+            await close_quietly(self._anchor)
 
     async def _start(self, endpoint: EndpointSettings) -> None:
-        channel = await self._connection.channel()
-        client = EndpointClient(self.settings, endpoint)
+        assert self._probe is not None
+        channel = await self._pool.acquire(
+            prefetch=prefetch_for(self.settings, endpoint), endpoints=len(self.settings.endpoints)
+        )
+        client = EndpointClient(self.settings, endpoint, tls=self._tls)
         consumer = EndpointConsumer(
             settings=self.settings,
             endpoint=endpoint,
             channel=channel,
+            probe=self._probe,
             client=client,
             recorder=self._recorder,
             metrics=self._metrics,
@@ -168,9 +221,25 @@ class EndpointSet:
             await consumer.start()
         except BaseException:
             await client.close()
-            await close_quietly(channel)
+            await self._pool.release(channel, consumer.queue)
             raise
         self._running[endpoint.name] = RunningEndpoint(channel, client, consumer)
+
+    async def _sweep_idle_clients(self) -> None:
+        """Close HTTP pools that have been idle long enough; the next attempt reopens."""
+        while True:
+            await asyncio.sleep(IDLE_SWEEP_S)
+            closed = 0
+            for running in list(self._running.values()):
+                closed += await running.client.close_if_idle(IDLE_CLOSE_S)
+            if closed:
+                log.debug("http_pools_closed", idle=closed)
+
+    async def _stop_sweeping(self) -> None:
+        task, self._sweeper = self._sweeper, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     async def _replace(
         self, name: str, endpoint: EndpointSettings, before: EndpointSettings | None
@@ -181,7 +250,6 @@ class EndpointSet:
         reach the new one; those it had started finish under the old settings, so nothing
         is attempted twice or dropped.
         """
-        self._metrics.register_endpoint(name)
         running = self._running.pop(name, None)
         dropped = set(before.events if before is not None else ()) - set(endpoint.events)
         if running is not None:
@@ -254,7 +322,7 @@ class EndpointSet:
     async def _finish(self, running: RunningEndpoint) -> None:
         await drain(running.consumer.in_flight_tasks, self.settings.worker.shutdown_timeout_s)
         await running.client.close()
-        await close_quietly(running.channel)
+        await self._pool.release(running.channel, running.consumer.queue)
 
     def _retry_start(self, endpoint: EndpointSettings) -> None:
         task = asyncio.create_task(
@@ -289,6 +357,37 @@ class EndpointSet:
                     log.info("endpoint_started", endpoint=endpoint.name)
                     return
             delay_s = min(delay_s * 2, self.settings.broker.connect_retry_max_s)
+
+
+async def _bounded(starts: Iterable[Coroutine[Any, Any, None]], concurrency: int) -> None:
+    """Run ``starts`` at most ``concurrency`` at a time; on the first failure, cancel the
+    rest and raise it."""
+    semaphore = asyncio.Semaphore(concurrency)
+
+    async def one(start: Coroutine[Any, Any, None]) -> None:
+        try:
+            async with semaphore:
+                await start
+        finally:
+            start.close()  # one cancelled before it began is not "never awaited"
+
+    tasks = [asyncio.create_task(one(start)) for start in starts]
+    if not tasks:
+        return
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    for task in done:
+        failure = None if task.cancelled() else task.exception()
+        if failure is not None:
+            raise failure
 
 
 async def drain(in_flight: Iterable[asyncio.Task[Any]], timeout_s: float) -> None:

@@ -1,10 +1,13 @@
 """``python -m worker status``: one table of every endpoint, read from the broker.
 
 Queue depths, consumer counts, retry tiers and dead letters come from the broker. Retry
-tiers are those of the current ``retry.delays_s`` and, where their queues still hold on,
-those of every earlier schedule recorded in the exchange's delay-tier manifest. Circuit
-states live in each worker's memory, so they are read from the workers' ``/status.json``
-(``--worker URL``, by default this host's metrics port) and shown per worker count.
+tiers are shared by every endpoint, so they are reported once: those of the current
+``retry.delays_s`` and, where their queues still hold on, those of every earlier schedule
+recorded in the exchange's delay-tier manifest. Circuit states live in each worker's
+memory, so they are read from the workers' ``/status.json`` (``--worker URL``, by default
+this host's metrics port) and shown per worker count. A worker lists at most 1,000
+endpoints there, those needing attention first; an endpoint it answers for without listing
+it has a closed circuit.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from worker.topology import (
     delay_label,
     delay_queue,
     endpoint_queue,
-    endpoint_queue_names,
     inspect_queues,
     known_delay_tiers,
 )
@@ -41,7 +43,6 @@ class EndpointReport:
     name: str
     queued: int | None
     consumers: int | None
-    retry_tiers: dict[str, int | None]
     dead_letters: dict[str, int] = field(default_factory=dict)
     circuits: dict[str, int] = field(default_factory=dict)  # state -> workers in it
 
@@ -52,54 +53,72 @@ class EndpointReport:
         if set(self.circuits) == {"closed"}:
             return "closed"
         workers = sum(self.circuits.values())
-        return ", ".join(f"{state} {count}/{workers}" for state, count in
-                         sorted(self.circuits.items()) if state != "closed")  # fmt: skip
+        return ", ".join(
+            f"{state} {count}/{workers}"
+            for state, count in sorted(self.circuits.items())
+            if state != "closed"
+        )
 
 
-async def gather(
-    settings: Settings, worker_urls: list[str], scan_limit: int
-) -> tuple[list[EndpointReport], int, int]:
-    """Every endpoint's report, and how many dead letters were read of how many."""
+@dataclass(slots=True)
+class StatusReport:
+    endpoints: list[EndpointReport]
+    # Shared delay tier -> messages waiting in it (None: its queue is missing).
+    retry_tiers: dict[str, int | None]
+    dead_letters_read: int
+    dead_letters_total: int
+
+
+async def gather(settings: Settings, worker_urls: list[str], scan_limit: int) -> StatusReport:
+    """Every endpoint's report, the retry tiers, and how many dead letters were read of
+    how many."""
     exchange = settings.broker.exchange
-    reports = []
     connection = await connect(settings.broker, f"hookline-status {exchange}")
     try:
         configured = set(delay_tiers(settings.retry))
         known = await known_delay_tiers(connection, settings)
-        for endpoint in settings.endpoints:
-            found = await inspect_queues(
-                connection, endpoint_queue_names(settings, endpoint.name, known)
-            )
-            work = found[endpoint_queue(exchange, endpoint.name)]
-            tiers: dict[str, int | None] = {}
-            for delay in known:
-                tier = found[delay_queue(exchange, endpoint.name, delay)]
-                if tier is None and delay not in configured:
-                    continue  # an earlier schedule's tier this endpoint never had, or retired
-                tiers[delay_label(delay)] = tier[0] if tier is not None else None
-            reports.append(EndpointReport(
+        found = await inspect_queues(
+            connection,
+            [
+                *(delay_queue(exchange, delay) for delay in known),
+                *(endpoint_queue(exchange, endpoint.name) for endpoint in settings.endpoints),
+            ],
+        )
+    finally:
+        await connection.close()
+    tiers: dict[str, int | None] = {}
+    for delay in known:
+        tier = found[delay_queue(exchange, delay)]
+        if tier is not None or delay in configured:  # an earlier schedule's, since deleted
+            tiers[delay_label(delay)] = tier[0] if tier is not None else None
+    reports = []
+    for endpoint in settings.endpoints:
+        work = found[endpoint_queue(exchange, endpoint.name)]
+        reports.append(
+            EndpointReport(
                 name=endpoint.name,
                 queued=work[0] if work is not None else None,
                 consumers=work[1] if work is not None else None,
-                retry_tiers=tiers,
-            ))  # fmt: skip
-    finally:
-        await connection.close()
+            )
+        )
     counts, scanned, total = await dlq.count_by_endpoint_and_reason(settings, scan_limit)
     by_name = {report.name: report for report in reports}
     for (endpoint_name, reason), count in counts.items():
         if endpoint_name in by_name:
             by_name[endpoint_name].dead_letters[reason] = count
-    for states in await asyncio.gather(*(_worker_circuits(url) for url in worker_urls)):
+    names = list(by_name)
+    for states in await asyncio.gather(*(_worker_circuits(url, names) for url in worker_urls)):
         for name, state in states.items():
             if name in by_name:
                 circuits = by_name[name].circuits
                 circuits[state] = circuits.get(state, 0) + 1
-    return reports, scanned, total
+    return StatusReport(reports, tiers, scanned, total)
 
 
-async def _worker_circuits(url: str) -> dict[str, str]:
-    """endpoint -> circuit state from one worker; empty if it does not answer."""
+async def _worker_circuits(url: str, names: list[str]) -> dict[str, str]:
+    """endpoint -> circuit state from one worker; empty if it does not answer. A worker
+    lists the endpoints needing attention first, and at most a bounded number: one it does
+    not list, among ``names``, is closed there."""
     timeout = aiohttp.ClientTimeout(total=WORKER_TIMEOUT_S)
     try:
         async with (
@@ -107,9 +126,14 @@ async def _worker_circuits(url: str) -> dict[str, str]:
             session.get(url.rstrip("/") + "/status.json") as response,
         ):
             document = await response.json()
-        return {e["name"]: e["circuit"] for e in document["endpoints"]}
+        listed = {e["name"]: e["circuit"] for e in document["endpoints"]}
+        not_closed = int(document.get("circuits_not_closed", 0))
     except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError):
         return {}
+    # Closed unless the worker has more circuits open than it listed (over its cap).
+    listed_not_closed = sum(1 for state in listed.values() if state != "closed")
+    unlisted = "closed" if not_closed <= listed_not_closed else "unknown"
+    return {name: listed.get(name, unlisted) for name in names}
 
 
 def default_worker_urls(settings: Settings) -> list[str]:
@@ -119,41 +143,50 @@ def default_worker_urls(settings: Settings) -> list[str]:
 
 async def run_status(settings: Settings, args: argparse.Namespace) -> int:
     urls = args.worker if args.worker is not None else default_worker_urls(settings)
-    reports, scanned, total = await gather(settings, urls, args.scan_limit)
+    report = await gather(settings, urls, args.scan_limit)
     if args.json:
         document = {
             "exchange": settings.broker.exchange,
-            "dead_letters_read": scanned,
-            "dead_letters_total": total,
-            "endpoints": [{**asdict(report), "circuit": report.circuit} for report in reports],
+            "dead_letters_read": report.dead_letters_read,
+            "dead_letters_total": report.dead_letters_total,
+            "retry_tiers": report.retry_tiers,
+            "endpoints": [
+                {**asdict(endpoint), "circuit": endpoint.circuit} for endpoint in report.endpoints
+            ],
         }
         print(terminal_json(document, indent=2))
         return 0
-    Console(width=max(100, Console().width)).print(render(reports, scanned, total, urls))
+    Console(width=max(100, Console().width)).print(render(report, urls))
     return 0
 
 
-def render(reports: list[EndpointReport], scanned: int, total: int, urls: list[str]) -> Any:
-    table = Table(title=f"Hookline endpoints ({total} dead letters)", title_justify="left")
-    for column in ("endpoint", "queued", "consumers", "circuit", "retry tiers", "dead letters"):
+def render(report: StatusReport, urls: list[str]) -> Any:
+    tiers = " ".join(
+        f"{label}:{'-' if count is None else count}" for label, count in report.retry_tiers.items()
+    )
+    table = Table(
+        title=f"Hookline endpoints ({report.dead_letters_total} dead letters; "
+        f"retries waiting {_cell(tiers) or 'none'})",
+        title_justify="left",
+    )
+    for column in ("endpoint", "queued", "consumers", "circuit", "dead letters"):
         table.add_column(column, justify="right" if column in ("queued", "consumers") else "left")
-    for report in reports:
-        tiers = " ".join(
-            f"{label}:{'-' if count is None else count}"
-            for label, count in report.retry_tiers.items()
+    for endpoint in report.endpoints:
+        dead = ", ".join(
+            f"{reason} {count}" for reason, count in sorted(endpoint.dead_letters.items())
         )
-        dead = ", ".join(f"{reason} {count}" for reason, count in sorted(
-            report.dead_letters.items())) or "0"  # fmt: skip
         table.add_row(
-            _cell(report.name),
-            _number(report.queued),
-            _number(report.consumers),
-            _cell(report.circuit),
-            _cell(tiers),
-            _cell(dead),
+            _cell(endpoint.name),
+            _number(endpoint.queued),
+            _number(endpoint.consumers),
+            _cell(endpoint.circuit),
+            _cell(dead or "0"),
         )
-    if scanned < total:
-        table.caption = f"dead letters counted over the first {scanned} of {total}"
+    if report.dead_letters_read < report.dead_letters_total:
+        table.caption = (
+            f"dead letters counted over the first {report.dead_letters_read} "
+            f"of {report.dead_letters_total}"
+        )
     elif not urls:
         table.caption = "circuit unknown: pass --worker http://HOST:PORT"
     return table

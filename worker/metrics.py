@@ -1,17 +1,16 @@
 """Every Prometheus metric the worker exports. Labels come only from small fixed sets:
-endpoint names (from the config), outcomes, reasons and status classes; never URLs or ids."""
+endpoint names (from the config, and only as many as ``metrics.max_endpoint_series``: see
+:mod:`worker.series`), outcomes, reasons, status classes, circuit states and delay tiers;
+never URLs or ids."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from producer import __version__
-from worker.outcomes import Action, Reason
+from worker.series import DEAD_LETTER_REASONS, DEFAULT_MAX_SERIES, SeriesBook
 
-# The reasons a delivery can dead-letter with (``dlq retire``'s endpoint_removed is not one).
-DEAD_LETTER_REASONS = tuple(
-    reason.value for reason in Reason if reason is not Reason.ENDPOINT_REMOVED
-)
+__all__ = ["DEAD_LETTER_REASONS", "Metrics"]
 DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 END_TO_END_BUCKETS_S = (
     0.01,
@@ -38,7 +37,12 @@ END_TO_END_BUCKETS_S = (
 class Metrics:
     """One set of metrics on its own registry, so several workers can share a process."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        max_endpoint_series: int = DEFAULT_MAX_SERIES,
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.deliveries = Counter(
@@ -88,8 +92,15 @@ class Metrics:
         )
         self.circuit_state = Gauge(
             "webhook_endpoint_circuit_state",
-            "This worker's circuit breaker for the endpoint: 0 closed, 1 open, 2 half-open.",
+            "This worker's circuit breaker for the endpoint: 0 closed, 1 open, 2 half-open "
+            "(only endpoints with series of their own; absent means closed).",
             ["endpoint"],
+            registry=r,
+        )
+        self.circuits = Gauge(
+            "webhook_circuits",
+            "This worker's endpoints by the state of their circuit breaker.",
+            ["state"],
             registry=r,
         )
         self.rate_limited = Counter(
@@ -115,14 +126,17 @@ class Metrics:
         )
         self.backlog = Gauge(
             "webhook_backlog_messages",
-            "Messages ready in an endpoint's queue (polled from the broker).",
+            "Messages ready in an endpoint's queue (polled from the broker, a share of the "
+            "endpoint queues per round); endpoints without series of their own are summed "
+            'as endpoint="_other".',
             ["endpoint"],
             registry=r,
         )
         self.retry_waiting = Gauge(
             "webhook_retry_waiting_messages",
-            "Messages waiting in an endpoint's delay queues (polled from the broker).",
-            ["endpoint"],
+            "Messages waiting for a retry in a delay tier shared by every endpoint "
+            "(polled from the broker).",
+            ["tier"],
             registry=r,
         )
         self.dead_letter_depth = Gauge(
@@ -142,24 +156,9 @@ class Metrics:
             registry=r,
         )
         self.info.labels(version=__version__).set(1)
-
-    def register_endpoint(self, endpoint: str) -> None:
-        """Create every series of an endpoint at zero, so rates exist before the first event."""
-        for action in Action:
-            self.deliveries.labels(endpoint=endpoint, outcome=action.value)
-        self.in_flight.labels(endpoint=endpoint)
-        self.record_failures.labels(endpoint=endpoint)
-        self.duration.labels(endpoint=endpoint)
-        self.end_to_end.labels(endpoint=endpoint)
-        self.circuit_state.labels(endpoint=endpoint)
-        self.rate_limited.labels(endpoint=endpoint)
-        for reason in DEAD_LETTER_REASONS:
-            self.dead_lettered.labels(endpoint=endpoint, reason=reason)
+        # Which endpoints have series of their own; consumers count through its handles.
+        self.series = SeriesBook(self, max_endpoint_series)
 
     def forget_endpoint(self, endpoint: str) -> None:
-        """Drop a removed endpoint's gauges, so dashboards do not show stale depths."""
-        for gauge in (self.in_flight, self.circuit_state, self.backlog, self.retry_waiting):
-            try:
-                gauge.remove(endpoint)
-            except KeyError:
-                continue
+        """A removed endpoint: see :meth:`SeriesBook.forget`."""
+        self.series.forget(endpoint)

@@ -18,7 +18,7 @@ from producer import headers
 from producer.connection import BROKER_GONE
 from producer.publisher import publish_confirmed
 from worker.outcomes import Reason
-from worker.topology import dead_letter_queue, delay_queue
+from worker.topology import dead_letter_queue, delay_label, endpoint_queue
 
 MAX_SHORT_STRING_BYTES = 255
 
@@ -62,11 +62,24 @@ def _short(value: str | None) -> str | None:
 
 
 class Recorder:
-    """Publishes retry and dead-letter copies on the worker's confirm channel."""
+    """Publishes retry and dead-letter copies on the worker's confirm channel.
 
-    def __init__(self, exchange_name: str, default_exchange: AbstractExchange, timeout_s: float):
+    Retries go to the delay exchange (``delays``, which tools that never retry need not
+    give), addressed to the endpoint's queue: the tier keeps that routing key when it
+    dead-letters the retry into the retry exchange.
+    """
+
+    def __init__(
+        self,
+        exchange_name: str,
+        default_exchange: AbstractExchange,
+        timeout_s: float,
+        *,
+        delays: AbstractExchange | None = None,
+    ):
         self._exchange_name = exchange_name
         self._default_exchange = default_exchange
+        self._delays = delays
         self._timeout_s = timeout_s
 
     async def schedule_retry(
@@ -78,13 +91,18 @@ class Recorder:
         handler_errors: int,
         delay_s: float,
     ) -> None:
+        if self._delays is None:
+            raise TypeError("this Recorder was made without the delay exchange")
         copy_headers = headers.retry_headers(
-            message.headers, attempts=attempts, handler_errors=handler_errors
+            message.headers,
+            attempts=attempts,
+            handler_errors=handler_errors,
+            tier=delay_label(delay_s),
         )
         await publish_confirmed(
-            self._default_exchange,
+            self._delays,
             copy_message(message, copy_headers),
-            delay_queue(self._exchange_name, endpoint, delay_s),
+            endpoint_queue(self._exchange_name, endpoint),
             self._timeout_s,
         )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import random
 from collections.abc import Callable
 from typing import Any
@@ -24,15 +25,21 @@ from worker.server import HealthServer
 from worker.settings import Settings
 from worker.status import build_status
 from worker.topology import (
-    declare_dead_letter_queue,
-    declare_unrouted_queue,
+    declare_exchanges,
+    declare_retry_tiers,
+    delay_exchange,
     record_delay_tiers,
 )
 
 CONNECT_RETRY_FIRST_S = 0.5
 TIER_RECORDING_FAILURES: tuple[type[BaseException], ...] = (*BROKER_GONE, HooklineError)
+RELOAD_DECLARE_FAILURES: tuple[type[BaseException], ...] = (*TIER_RECORDING_FAILURES, TimeoutError)
 # A depth poll in progress at shutdown may finish its round (a few passive declares).
 POLLER_STOP_S = 5.0
+# A reload with a new retry schedule declares its tiers first, within this bound.
+RELOAD_DECLARE_TIMEOUT_S = 10.0
+# The worker_starting line names this many endpoints at most.
+LOGGED_ENDPOINTS = 100
 
 log = structlog.get_logger("hookline.worker")
 
@@ -55,7 +62,11 @@ class Worker:
         load_settings: Callable[[], Settings] | None = None,
     ) -> None:
         self.settings = settings
-        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics = (
+            metrics
+            if metrics is not None
+            else Metrics(max_endpoint_series=settings.metrics.max_endpoint_series)
+        )
         self._load_settings = load_settings
         self.depths = QueueDepths()
         self.health = HealthServer(
@@ -81,6 +92,8 @@ class Worker:
         # Records the delay tiers in the exchange's manifest, retrying until it succeeds.
         self._recording_tiers: asyncio.Task[None] | None = None
         self._stop_polling = asyncio.Event()
+        # Freezes the heap again once a reload's replaced consumers have finished.
+        self._refreezing: asyncio.Task[None] | None = None
 
     def request_stop(self) -> None:
         """Safe to call from a signal handler: it only sets flags."""
@@ -122,7 +135,8 @@ class Worker:
         log.info(
             "worker_starting",
             metrics_port=self.health.port,
-            endpoints=[e.name for e in self.settings.endpoints],
+            endpoints=[e.name for e in self.settings.endpoints[:LOGGED_ENDPOINTS]],
+            endpoints_total=len(self.settings.endpoints),
             event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
         try:
@@ -130,6 +144,7 @@ class Worker:
                 self._started = True
                 self.metrics.ready.set(1)
                 log.info("worker_consuming", broker=self.settings.broker.masked_url)
+                freeze_heap()
                 while not self._stopping:
                     await self._wake.wait()
                     self._wake.clear()
@@ -211,8 +226,7 @@ class Worker:
             publisher_confirms=True, on_return_raises=True
         )
         self._publish_channel = publish_channel
-        await declare_dead_letter_queue(publish_channel, self.settings)
-        await declare_unrouted_queue(publish_channel, self.settings)
+        await declare_exchanges(publish_channel, self.settings)
         self._record_tiers()
         self._operational_events = OperationalEvents(
             await declare_exchange(publish_channel, self.settings.broker.exchange),
@@ -226,6 +240,9 @@ class Worker:
                 self.settings.broker.exchange,
                 publish_channel.default_exchange,
                 self.settings.broker.publish_timeout_s,
+                delays=await publish_channel.get_exchange(
+                    delay_exchange(self.settings.broker.exchange)
+                ),
             ),
             metrics=self.metrics,
             operational_events=self._operational_events,
@@ -257,6 +274,10 @@ class Worker:
         if plan.needs_restart:
             log.warning("config_reload_needs_restart", sections=list(plan.needs_restart))
         schedule_changed = plan.settings.retry.delays_s != self.settings.retry.delays_s
+        if schedule_changed and not await self._declare_tiers(plan.settings):
+            return
+        # What the reload replaces may be collected; frozen objects never would be.
+        gc.unfreeze()
         self.settings = plan.settings
         if schedule_changed:
             await self._stop_recording_tiers()
@@ -265,6 +286,7 @@ class Worker:
         assert self._endpoints is not None
         self._operational_events.enabled = plan.settings.operational_events.enabled
         failed = await self._endpoints.apply(plan)
+        self._refreeze_when_settled(self._endpoints)
         log.info(
             "config_reloaded",
             added=list(plan.added),
@@ -274,9 +296,43 @@ class Worker:
             failed=failed,
         )
 
+    async def _declare_tiers(self, settings: Settings) -> bool:
+        """Declare a new schedule's delay tiers before any retry is sent to them; False
+        (and the reload rejected) if the broker refuses or does not answer in time."""
+        assert self._publish_connection is not None
+        try:
+            channel = await self._publish_connection.channel()
+            try:
+                await asyncio.wait_for(
+                    declare_retry_tiers(channel, settings), timeout=RELOAD_DECLARE_TIMEOUT_S
+                )
+            finally:
+                await close_quietly(channel)
+        except RELOAD_DECLARE_FAILURES as exc:
+            log.error(
+                "config_reload_rejected",
+                error=str(exc) or exc.__class__.__name__,
+                kept="previous config",
+                hint="the new retry.delays_s tiers could not be declared",
+            )
+            return False
+        return True
+
+    def _refreeze_when_settled(self, endpoints: EndpointSet) -> None:
+        async def refreeze() -> None:
+            await endpoints.settled()
+            freeze_heap()
+
+        if self._refreezing is not None:
+            self._refreezing.cancel()
+        self._refreezing = asyncio.create_task(refreeze(), name="refreeze-heap")
+
     async def _shutdown(self) -> None:
         self._closing = True
         self.metrics.ready.set(0)
+        if self._refreezing is not None:
+            self._refreezing.cancel()
+            await asyncio.gather(self._refreezing, return_exceptions=True)
         try:
             if self._endpoints is not None:
                 await self._endpoints.stop_consuming()
@@ -341,3 +397,11 @@ class Worker:
             if connection is not None:
                 await close_quietly(connection)
         self._consume_connection = self._publish_connection = None
+
+
+def freeze_heap() -> None:
+    """Move what exists now (settings, consumers, queues: at 10,000 endpoints, millions of
+    objects that live as long as the worker) out of the garbage collector's sight, so its
+    full collections no longer walk them: they got slower with every endpoint."""
+    gc.collect()
+    gc.freeze()

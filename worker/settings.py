@@ -89,6 +89,9 @@ class WorkerSection(Model):
     shutdown_timeout_s: PositiveSeconds = 30.0
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Endpoints get a channel each up to this count; beyond it, consumers share channels
+    # (see worker.channels). 2,047 channels is RabbitMQ's default ceiling per connection.
+    channel_per_endpoint_up_to: int = Field(default=1000, ge=0, le=2000)
 
 
 class MetricsSettings(Model):
@@ -96,6 +99,10 @@ class MetricsSettings(Model):
     host: str = "0.0.0.0"  # noqa: S104  # nosec B104
     port: int = Field(default=9100, ge=0, le=65535)
     queue_poll_s: PositiveSeconds = 15.0
+    # Endpoints with series of their own, at most (the rest are summed as endpoint="_other").
+    max_endpoint_series: int = Field(default=200, ge=0, le=5000)
+    # Endpoint queues whose depth one poll round reads, at most (the rest in later rounds).
+    queue_polls_per_round: int = Field(default=500, ge=1, le=10_000)
 
 
 class DeliverySettings(Model):
@@ -189,6 +196,8 @@ class EndpointSettings(Model):
     max_in_flight: int | None = Field(default=None, ge=1, le=1000)
     rate_limit_per_s: float | None = Field(default=None, gt=0, le=100_000)
     headers: dict[str, str] = Field(default_factory=dict)
+    # Series of its own in /metrics whatever its state (within metrics.max_endpoint_series).
+    metrics_detail: bool = False
 
     _signing_keys: tuple[SigningKey, ...] = PrivateAttr(default=())
 

@@ -2,20 +2,30 @@
 
 Only what is safe on an unauthenticated port: endpoint names and hosts (never full URLs,
 which may carry tokens in their path or query), states, rates and depths.
+
+It stays small at 10,000 endpoints: totals over every endpoint, then at most
+:data:`MAX_ENDPOINTS_SHOWN` endpoints, those needing attention first (circuit not closed,
+then most failures per second, then largest backlog, then by name). Every endpoint whose
+circuit is not closed is listed as long as there are no more of them than that.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from producer import __version__
+from worker.circuit import CircuitState
 from worker.depths import QueueDepths
+from worker.recent import RecentRates
 from worker.settings import Settings
 
 if TYPE_CHECKING:
     from worker.consumer import EndpointConsumer
+
+MAX_ENDPOINTS_SHOWN = 1000
 
 
 def build_status(
@@ -24,28 +34,20 @@ def build_status(
     depths: QueueDepths,
     *,
     ready: bool,
+    max_shown: int = MAX_ENDPOINTS_SHOWN,
 ) -> dict[str, Any]:
-    endpoints = []
-    for consumer in consumers:
-        endpoint = consumer.endpoint
-        rates = consumer.recent.rates()
-        endpoints.append(
-            {
-                "name": endpoint.name,
-                # The host as it is dialled (normalised), scheme and port: never path or query.
-                "destination": str(endpoint.request_url.origin()),
-                "circuit": consumer.circuit_state.label,
-                "in_flight": consumer.in_flight,
-                "delivered_per_s": round(rates.delivered_per_s, 3),
-                "failed_per_s": round(rates.failed_per_s, 3),
-                "error_ratio": round(rates.error_ratio, 4)
-                if rates.error_ratio is not None
-                else None,
-                "backlog": depths.backlog.get(endpoint.name),
-                "retry_waiting": depths.retry_waiting.get(endpoint.name),
-                "rate_limit_per_s": endpoint.rate_limit_per_s,
-            }
+    rated = [(consumer, consumer.recent.rates()) for consumer in consumers]
+
+    def attention(entry: tuple[EndpointConsumer, RecentRates]) -> tuple[bool, float, int, str]:
+        consumer, rates = entry
+        return (
+            consumer.circuit_state is CircuitState.CLOSED,
+            -rates.failed_per_s,
+            -depths.backlog.get(consumer.endpoint.name, 0),
+            consumer.endpoint.name,
         )
+
+    shown = heapq.nsmallest(max_shown, rated, key=attention)
     return {
         "version": __version__,
         "exchange": settings.broker.exchange,
@@ -56,7 +58,35 @@ def build_status(
         ),
         "dead_letter": depths.dead_letter,
         "unrouted": depths.unrouted,
-        "endpoints": endpoints,
+        "endpoints_total": len(settings.endpoints),
+        "endpoints_shown": len(shown),
+        "delivered_per_s": round(sum(rates.delivered_per_s for _, rates in rated), 3),
+        "failed_per_s": round(sum(rates.failed_per_s for _, rates in rated), 3),
+        "circuits_not_closed": sum(
+            consumer.circuit_state is not CircuitState.CLOSED for consumer in consumers
+        ),
+        "retry_waiting": depths.retry_waiting,
+        "retry_waiting_by_delay": dict(depths.retry_waiting_by_delay),
+        "endpoints": [_endpoint(consumer, rates, depths) for consumer, rates in shown],
+    }
+
+
+def _endpoint(
+    consumer: EndpointConsumer, rates: RecentRates, depths: QueueDepths
+) -> dict[str, Any]:
+    endpoint = consumer.endpoint
+    return {
+        "name": endpoint.name,
+        # The host as it is dialled (normalised), scheme and port: never path or query.
+        "destination": str(endpoint.request_url.origin()),
+        "circuit": consumer.circuit_state.label,
+        "in_flight": consumer.in_flight,
+        "delivered_per_s": round(rates.delivered_per_s, 3),
+        "failed_per_s": round(rates.failed_per_s, 3),
+        "error_ratio": round(rates.error_ratio, 4) if rates.error_ratio is not None else None,
+        # None until the poller's turns reached it (a share of the endpoints per round).
+        "backlog": depths.backlog.get(endpoint.name),
+        "rate_limit_per_s": endpoint.rate_limit_per_s,
     }
 
 

@@ -5,9 +5,19 @@
   so a slow endpoint only ever delays its own queue. Its dead-letter exchange sends a
   message the broker gives up on (over a delivery limit: RabbitMQ 4.x's default of 20, a
   policy, an argument) into ``<exchange>.dead-letter`` instead of dropping it.
-- ``<exchange>.endpoint.<name>.delay.<delay>``: one delay queue per endpoint and delay;
-  a message waits out the queue's TTL, then dead-letters back to the endpoint's queue
-  through the default exchange. No consumer ever reads them.
+- ``<exchange>.delay.<delay>``: one delay queue per delay, shared by every endpoint. A
+  retry is published to the headers exchange ``<exchange>.delay`` with the endpoint's
+  queue name as routing key and its tier in ``hookline-retry-delay``; it waits out the
+  queue's TTL, then dead-letters, keeping that routing key, into the direct exchange
+  ``<exchange>.retry``, where each endpoint queue is bound by its own name. No consumer
+  ever reads a delay queue. A retry whose endpoint queue is no longer bound there (the
+  endpoint was retired) goes through the retry exchange's alternate exchange
+  ``<exchange>.retry.orphans`` into the dead-letter queue, where the tools read it as
+  ``endpoint_removed``. So the queue count is one per endpoint plus a fixed few.
+- ``<exchange>.endpoint.<name>.delay.<delay>``: the per-endpoint delay queues of Hookline
+  before 0.2. Never declared any more; those that exist keep draining into their endpoint
+  queue through the default exchange, and ``upgrade-queues`` moves what they hold into
+  the shared tiers and deletes them.
 - ``<exchange>.dead-letter``: where deliveries end when they cannot succeed.
 - ``<exchange>.dead-letter.overflow``: where the dead-letter queue's own dead-lettering
   goes, should a delivery limit ever apply to it (a policy); every tool that opens the
@@ -31,14 +41,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator, Awaitable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
+import aio_pika
 import aiormq
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 
+from producer import headers
 from producer.exchange import (
     capture_exchange,
     declare_exchange,
@@ -57,6 +70,7 @@ UPGRADE_COMMAND = "python -m worker upgrade-queues --config <config file>"
 MANIFEST_REREAD_S = 0.25
 MANIFEST_PUBLISH_ATTEMPTS = 50
 MANIFEST_RETRY_S = 0.1
+DELAY_LABEL_RE = re.compile(r"[0-9]+m?s")
 # Queues already reported as needing an upgrade: the warning is logged once per process.
 _needs_upgrade_reported: set[str] = set()
 
@@ -72,10 +86,34 @@ def delay_label(delay_s: float) -> str:
     return f"{milliseconds}ms"
 
 
-def delay_queue(exchange: str, endpoint: str, delay_s: float) -> str:
-    # Named by delay, not attempt number: queue arguments are immutable, so a changed
-    # schedule gets new queues while the old ones keep draining into the endpoint.
+def delay_queue(exchange: str, delay_s: float) -> str:
+    """The delay tier every endpoint's retries wait in. Named by delay, not attempt number:
+    queue arguments are immutable, so a changed schedule gets new queues while the old
+    ones keep draining."""
+    return f"{exchange}.delay.{delay_label(delay_s)}"
+
+
+def legacy_delay_queue(exchange: str, endpoint: str, delay_s: float) -> str:
+    """A delay tier of one endpoint, as Hookline before 0.2 declared them; still drained."""
     return f"{endpoint_queue(exchange, endpoint)}.delay.{delay_label(delay_s)}"
+
+
+def delay_exchange(exchange: str) -> str:
+    """Headers exchange in front of the delay tiers: a retry is published here with the
+    endpoint's queue as routing key, which it keeps when it dead-letters."""
+    return f"{exchange}.delay"
+
+
+def retry_exchange(exchange: str) -> str:
+    """Direct exchange a retry dead-letters into from its tier; each endpoint queue is
+    bound to it by its own name."""
+    return f"{exchange}.retry"
+
+
+def retry_orphans_exchange(exchange: str) -> str:
+    """Alternate exchange of the retry exchange: a retry whose endpoint is gone (unbound)
+    goes to the dead-letter queue through it instead of vanishing."""
+    return f"{exchange}.retry.orphans"
 
 
 def dead_letter_queue(exchange: str) -> str:
@@ -108,10 +146,25 @@ def endpoint_of_work_queue(queue: str, exchange: str | None = None) -> str | Non
     return name
 
 
+def is_delay_queue(queue: str, exchange: str | None = None) -> bool:
+    """``queue`` is a shared delay tier (``<exchange>.delay.<label>``)."""
+    prefix, marker, label = ["", "", "", *queue.rsplit(".", 2)][-3:]
+    if marker != "delay" or not DELAY_LABEL_RE.fullmatch(label):
+        return False
+    return prefix == exchange if exchange is not None else bool(prefix)
+
+
 def exchange_names(exchange: str) -> list[str]:
     """Every exchange Hookline declares for ``exchange`` (for clean-up)."""
-    return [exchange, unrouted_exchange(exchange), returned_exchange(exchange),
-            capture_exchange(exchange)]  # fmt: skip
+    return [
+        exchange,
+        unrouted_exchange(exchange),
+        returned_exchange(exchange),
+        capture_exchange(exchange),
+        delay_exchange(exchange),
+        retry_exchange(exchange),
+        retry_orphans_exchange(exchange),
+    ]
 
 
 def queue_names(settings: Settings) -> list[str]:
@@ -123,11 +176,8 @@ def queue_names(settings: Settings) -> list[str]:
         delay_tier_manifest_queue(exchange),
         unrouted_queue(exchange),
     ]
-    for endpoint in settings.endpoints:
-        names.append(endpoint_queue(exchange, endpoint.name))
-        names.extend(
-            delay_queue(exchange, endpoint.name, delay) for delay in delay_tiers(settings.retry)
-        )
+    names += [delay_queue(exchange, delay) for delay in delay_tiers(settings.retry)]
+    names += [endpoint_queue(exchange, endpoint.name) for endpoint in settings.endpoints]
     return names
 
 
@@ -135,11 +185,14 @@ def _type_arguments(settings: Settings) -> dict[str, Any]:
     return {"x-queue-type": settings.broker.queue_type}
 
 
-def _dead_lettering_into(settings: Settings, queue: str) -> dict[str, Any]:
-    arguments: dict[str, Any] = {
-        "x-dead-letter-exchange": "",
-        "x-dead-letter-routing-key": queue,
-    }
+def _dead_lettering_into(settings: Settings, queue: str | None) -> dict[str, Any]:
+    """Dead-lettering to ``queue`` through the default exchange, or with ``queue=None``
+    to the retry exchange under the message's own routing key (a delay tier's)."""
+    arguments: dict[str, Any] = (
+        {"x-dead-letter-exchange": retry_exchange(settings.broker.exchange)}
+        if queue is None
+        else {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": queue}
+    )
     if settings.broker.queue_type == "quorum":
         # Quorum queues can dead-letter at-least-once (the message leaves only once the
         # target confirmed it, and waits while the target is missing); that needs
@@ -175,13 +228,31 @@ def legacy_dead_letter_queue_arguments(settings: Settings) -> dict[str, Any]:
     return _type_arguments(settings)
 
 
-def delay_queue_arguments(settings: Settings, endpoint: str, delay_s: float) -> dict[str, Any]:
-    """A delay queue: its TTL, then back to the endpoint's work queue (unchanged since 0.1.0)."""
+def delay_queue_arguments(settings: Settings, delay_s: float) -> dict[str, Any]:
+    """A shared delay tier: its TTL, then into the retry exchange under the routing key the
+    retry was published with (its endpoint's queue)."""
+    return {
+        **_type_arguments(settings),
+        "x-message-ttl": round(delay_s * 1000),
+        **_dead_lettering_into(settings, None),
+    }
+
+
+def legacy_delay_queue_arguments(
+    settings: Settings, endpoint: str, delay_s: float
+) -> dict[str, Any]:
+    """A per-endpoint delay queue as Hookline before 0.2 declared it: its TTL, then back to
+    the endpoint's work queue through the default exchange."""
     return {
         **_type_arguments(settings),
         "x-message-ttl": round(delay_s * 1000),
         **_dead_lettering_into(settings, endpoint_queue(settings.broker.exchange, endpoint)),
     }
+
+
+def delay_binding(delay_s: float) -> dict[str, Any]:
+    """How a tier is bound to the delay exchange (and what a retry carries to reach it)."""
+    return {"x-match": "all", headers.RETRY_DELAY: delay_label(delay_s)}
 
 
 @asynccontextmanager
@@ -210,6 +281,74 @@ async def accepts_arguments(channel: AbstractChannel, name: str, arguments: dict
     return True
 
 
+class Probe:
+    """A few channels for declarations the broker may refuse.
+
+    A refused declare (PRECONDITION_FAILED: the queue exists with other arguments) closes
+    the channel it was sent on. Endpoint consumers share channels at scale, so a declare
+    that may be refused is tried here first, where a refusal costs nothing but this
+    channel, which is reopened on the next use.
+    """
+
+    def __init__(self, anchor: AbstractChannel, size: int = 4) -> None:
+        self._anchor = anchor  # a robust channel: its connection is the one to open on
+        self._channels: list[aiormq.abc.AbstractChannel | None] = [None] * size
+        self._next = 0
+
+    async def accepts(self, name: str, arguments: dict[str, Any]) -> bool:
+        """Declare ``name`` durable with ``arguments``: False if it exists with other
+        arguments. Creates the queue if it does not exist."""
+        slot = self._next
+        self._next = (self._next + 1) % len(self._channels)
+        channel = self._channels[slot]
+        if channel is None or channel.is_closed:
+            underlay = await self._anchor.get_underlay_channel()
+            channel = await underlay.connection.channel()
+            self._channels[slot] = channel
+        try:
+            await channel.queue_declare(name, durable=True, arguments=arguments)
+        except aiormq.exceptions.ChannelPreconditionFailed:
+            return False
+        return True
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            if channel is not None and not channel.is_closed:
+                await channel.close()
+        self._channels = [None] * len(self._channels)
+
+
+async def _accepted_arguments(
+    probe: Probe, name: str, arguments: dict[str, Any], legacy: dict[str, Any]
+) -> dict[str, Any]:
+    """``arguments``, or ``legacy`` if an earlier Hookline declared ``name`` with those
+    (reported once per queue): a worker keeps running on such a queue until an operator
+    upgrades it. Any other difference is a :class:`TopologyConflict`."""
+    if await probe.accepts(name, arguments):
+        return arguments
+    if not await probe.accepts(name, legacy):
+        raise TopologyConflict(
+            f"{name} exists with other arguments (another broker.queue_type?). Delete it "
+            "(management UI, or `rabbitmqadmin delete queue name=...`) once drained, or set "
+            "another broker.exchange"
+        )
+    _report_needs_upgrade(name)
+    return legacy
+
+
+def _report_needs_upgrade(name: str) -> None:
+    if name not in _needs_upgrade_reported:
+        _needs_upgrade_reported.add(name)
+        log.warning(
+            "queue_needs_upgrade",
+            queue=name,
+            command=UPGRADE_COMMAND,
+            hint="declared by an earlier Hookline without a dead-letter exchange: a "
+            "message over a delivery limit would be dropped; stop the workers and run "
+            "the command",
+        )
+
+
 async def _declare_upgradable(
     channel: AbstractChannel, name: str, arguments: dict[str, Any], legacy: dict[str, Any]
 ) -> AbstractQueue:
@@ -219,16 +358,7 @@ async def _declare_upgradable(
     if not await accepts_arguments(channel, name, arguments) and await accepts_arguments(
         channel, name, legacy
     ):
-        if name not in _needs_upgrade_reported:
-            _needs_upgrade_reported.add(name)
-            log.warning(
-                "queue_needs_upgrade",
-                queue=name,
-                command=UPGRADE_COMMAND,
-                hint="declared by an earlier Hookline without a dead-letter exchange: a "
-                "message over a delivery limit would be dropped; stop the workers and run "
-                "the command",
-            )
+        _report_needs_upgrade(name)
         arguments = legacy
     # Any other difference (another queue type) fails here, and is reported as a conflict.
     return await channel.declare_queue(name, durable=True, arguments=arguments)
@@ -297,34 +427,76 @@ async def declare_dead_letter_overflow_queue(
     )
 
 
-async def declare_endpoint(
-    channel: AbstractChannel, settings: Settings, endpoint: EndpointSettings
-) -> AbstractQueue:
-    """The exchange, the endpoint's queue, its bindings and its delay queues. Idempotent."""
-    return await _translating_conflicts(_declare_endpoint(channel, settings, endpoint))
+async def declare_retry_tiers(channel: AbstractChannel, settings: Settings) -> None:
+    """The shared delay tiers of ``retry.delays_s`` and the exchanges around them; the
+    dead-letter queue must exist (orphaned retries go there). Idempotent."""
+    exchange = settings.broker.exchange
 
-
-async def _declare_endpoint(
-    channel: AbstractChannel, settings: Settings, endpoint: EndpointSettings
-) -> AbstractQueue:
-    exchange = await declare_exchange(channel, settings.broker.exchange)
-    queue = await _declare_upgradable(
-        channel,
-        endpoint_queue(settings.broker.exchange, endpoint.name),
-        work_queue_arguments(settings),
-        legacy_work_queue_arguments(settings),
-    )
-    for pattern in endpoint.events:
-        await queue.bind(exchange, routing_key=pattern)
-    # The tiers are recorded once per start (and reload), not per endpoint: see
-    # record_delay_tiers' callers.
-    for delay in delay_tiers(settings.retry):
-        await channel.declare_queue(
-            delay_queue(settings.broker.exchange, endpoint.name, delay),
-            durable=True,
-            arguments=delay_queue_arguments(settings, endpoint.name, delay),
+    async def declare() -> None:
+        orphans = await channel.declare_exchange(
+            retry_orphans_exchange(exchange), aio_pika.ExchangeType.FANOUT, durable=True
         )
-    return queue
+        # Orphans lead somewhere before any retry can become one.
+        dead_letters = await channel.declare_queue(dead_letter_queue(exchange), passive=True)
+        await dead_letters.bind(orphans)
+        await channel.declare_exchange(
+            retry_exchange(exchange),
+            aio_pika.ExchangeType.DIRECT,
+            durable=True,
+            arguments={"alternate-exchange": orphans.name},
+        )
+        delays = await channel.declare_exchange(
+            delay_exchange(exchange), aio_pika.ExchangeType.HEADERS, durable=True
+        )
+        for delay in delay_tiers(settings.retry):
+            tier = await channel.declare_queue(
+                delay_queue(exchange, delay),
+                durable=True,
+                arguments=delay_queue_arguments(settings, delay),
+            )
+            await tier.bind(delays, arguments=delay_binding(delay))
+
+    await _translating_conflicts(declare())
+
+
+async def declare_endpoint(
+    channel: AbstractChannel,
+    settings: Settings,
+    endpoint: EndpointSettings,
+    probe: Probe | None = None,
+) -> AbstractQueue:
+    """The endpoint's queue and its bindings, on ``channel`` (which a robust channel then
+    restores after a reconnect). The exchanges must exist (:func:`declare_exchanges`).
+
+    With a ``probe``, the queue's arguments are settled there first, so a refusal never
+    closes ``channel``, which other endpoints' consumers may share. Idempotent.
+    """
+    name = endpoint_queue(settings.broker.exchange, endpoint.name)
+    arguments = work_queue_arguments(settings)
+    legacy = legacy_work_queue_arguments(settings)
+
+    async def declare() -> AbstractQueue:
+        if probe is None:
+            queue = await _declare_upgradable(channel, name, arguments, legacy)
+        else:
+            accepted = await _accepted_arguments(probe, name, arguments, legacy)
+            queue = await channel.declare_queue(name, durable=True, arguments=accepted)
+        # By name: the exchanges were declared once for the worker, not per channel.
+        for pattern in endpoint.events:
+            await queue.bind(settings.broker.exchange, routing_key=pattern)
+        await queue.bind(retry_exchange(settings.broker.exchange), routing_key=name)
+        return queue
+
+    return await _translating_conflicts(declare())
+
+
+async def declare_exchanges(channel: AbstractChannel, settings: Settings) -> None:
+    """The exchange producers publish to (with its unrouted chain), the dead-letter and
+    unrouted queues, and the retry tiers: everything endpoints need first."""
+    await declare_exchange(channel, settings.broker.exchange)
+    await declare_dead_letter_queue(channel, settings)
+    await declare_unrouted_queue(channel, settings)
+    await declare_retry_tiers(channel, settings)
 
 
 async def record_delay_tiers(channel: AbstractChannel, settings: Settings) -> tuple[float, ...]:
@@ -431,8 +603,7 @@ def _manifest_delays_ms(body: bytes) -> set[int]:
 
 async def declare_all(channel: AbstractChannel, settings: Settings) -> None:
     """Everything the worker needs, for tools that run without a worker."""
-    await declare_dead_letter_queue(channel, settings)
-    await declare_unrouted_queue(channel, settings)
+    await declare_exchanges(channel, settings)
     await record_delay_tiers(channel, settings)
     for endpoint in settings.endpoints:
         await declare_endpoint(channel, settings, endpoint)
@@ -485,16 +656,17 @@ async def inspect_queues(
 
 
 def endpoint_queue_names(settings: Settings, endpoint: str, delays: Iterable[float]) -> list[str]:
-    """An endpoint's delay queues for ``delays``, then its work queue (the order to empty
-    them in: delay queues expire into the work queue)."""
+    """An endpoint's legacy delay queues for ``delays``, then its work queue (the order to
+    empty them in: legacy delay queues expire into the work queue)."""
     exchange = settings.broker.exchange
-    names = [delay_queue(exchange, endpoint, delay) for delay in sorted(set(delays))]
+    names = [legacy_delay_queue(exchange, endpoint, delay) for delay in sorted(set(delays))]
     return [*names, endpoint_queue(exchange, endpoint)]
 
 
 async def count_waiting(connection: AbstractConnection, settings: Settings, endpoint: str) -> int:
-    """Messages ready for ``endpoint`` anywhere: its work queue and every delay tier ever
-    recorded for the exchange (for the ``endpoint_removed`` log line)."""
+    """Messages ready for ``endpoint`` in its work queue and in any legacy delay queue of
+    every delay tier ever recorded (for the ``endpoint_removed`` log line). Its retries in
+    the shared tiers are not counted: they are not told apart without reading them."""
     tiers = await known_delay_tiers(connection, settings)
     found = await inspect_queues(connection, endpoint_queue_names(settings, endpoint, tiers))
     return sum(ready for ready, _ in filter(None, found.values()))

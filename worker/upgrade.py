@@ -13,6 +13,13 @@ cannot change on an existing queue, so each such queue is recreated:
 - the dead-letter queue: its messages are moved into ``<queue>.upgrading``, it is deleted
   and declared anew, and they are moved back. Only workers and the tools publish to it.
 
+Hookline before 0.2 gave every endpoint its own delay queues
+(``<exchange>.endpoint.<name>.delay.<d>``); 0.2 shares one per delay. Old ones keep
+draining into their endpoint's queue by themselves, so workers of 0.2 lose nothing without
+this command; it only removes them early: their retries are moved into the shared tier of
+the same delay (where they wait that delay again) or, for a delay the current schedule no
+longer has, straight into the endpoint's queue; then the old queue is deleted.
+
 Every move is a confirmed publish of a copy, then an ack of the original. The command
 refuses while a queue it would touch has consumers (stop the workers first). Interrupted,
 it resumes from where it stopped when run again; with nothing left to do, it does nothing.
@@ -27,6 +34,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import aio_pika
@@ -45,6 +53,7 @@ from producer.publisher import publish_confirmed
 from worker.dlq import fresh_copy
 from worker.exceptions import TopologyConflict
 from worker.recorder import copy_message, settle
+from worker.retry import delay_tiers
 from worker.settings import EndpointSettings, Settings
 from worker.topology import (
     accepts_arguments,
@@ -52,9 +61,15 @@ from worker.topology import (
     dead_letter_queue_arguments,
     declare_dead_letter_queue,
     declare_endpoint,
+    declare_exchanges,
+    delay_exchange,
+    delay_label,
     endpoint_queue,
     inspect_queue,
+    inspect_queues,
+    known_delay_tiers,
     legacy_dead_letter_queue_arguments,
+    legacy_delay_queue,
     legacy_work_queue_arguments,
     work_queue_arguments,
 )
@@ -72,6 +87,7 @@ class Upgraded:
     queue: str
     moved: int  # messages carried over into the recreated queue
     lost: int = 0  # messages the broker deleted with the old queue (see the module doc)
+    removed: bool = False  # an old delay queue, emptied and deleted rather than recreated
 
 
 class QueueUpgrade:
@@ -104,15 +120,18 @@ class QueueUpgrade:
             if inspected is not None and inspected[1] > 0:
                 raise ValueError(f"{name} has {inspected[1]} consumer(s): stop the workers first")
 
-    async def move(self, source: str, target: str, copy: Copy) -> int:
-        """Every message of ``source`` into ``target``: a confirmed copy, then an ack."""
+    async def move(
+        self, source: str, target: str, copy: Copy, through: AbstractExchange | None = None
+    ) -> int:
+        """Every message of ``source`` into ``target`` (a queue, or a routing key on
+        ``through``): a confirmed copy, then an ack."""
         if await inspect_queue(self.connection, source) is None:
             return 0
         queue = await self.channel.declare_queue(source, passive=True)
         moved = 0
         while (message := await queue.get(no_ack=False, fail=False)) is not None:
             await publish_confirmed(
-                self.channel.default_exchange,
+                through or self.channel.default_exchange,
                 copy(message),
                 target,
                 self.settings.broker.publish_timeout_s,
@@ -191,9 +210,37 @@ class QueueUpgrade:
         await self.delete(holding)
         return Upgraded(name, moved, lost)
 
+    async def retire_legacy_delay_queues(
+        self, endpoint: EndpointSettings, tiers: tuple[float, ...]
+    ) -> list[Upgraded]:
+        """Move the endpoint's pre-0.2 delay queues into the shared tiers; delete them."""
+        work = endpoint_queue(self._exchange_name, endpoint.name)
+        names = {legacy_delay_queue(self._exchange_name, endpoint.name, d): d for d in tiers}
+        found = await inspect_queues(self.connection, names)
+        delays = await self.channel.get_exchange(delay_exchange(self._exchange_name))
+        configured = set(delay_tiers(self.settings.retry))
+        done = []
+        for name, delay in names.items():
+            if found[name] is None:
+                continue
+            if delay in configured:
+                label = delay_label(delay)
+                moved = await self.move(name, work, partial(_retry_copy, tier=label), delays)
+            else:
+                moved = await self.move(name, work, _moved_copy)
+            done.append(Upgraded(name, moved, await self.delete(name), removed=True))
+        return done
+
 
 def _moved_copy(message: AbstractIncomingMessage) -> aio_pika.Message:
     return copy_message(message, headers.without_broker_headers(message.headers))
+
+
+def _retry_copy(message: AbstractIncomingMessage, tier: str) -> aio_pika.Message:
+    """A retry carried from an old delay queue into the shared tier ``tier``."""
+    kept = headers.without_broker_headers(message.headers)
+    kept[headers.RETRY_DELAY] = tier
+    return copy_message(message, kept)
 
 
 async def upgrade_queues(settings: Settings) -> list[Upgraded]:
@@ -212,9 +259,14 @@ async def upgrade_queues(settings: Settings) -> list[Upgraded]:
         # The dead-letter queue first: recreated work queues dead-letter into it.
         if (done := await run.upgrade_dead_letter_queue()) is not None:
             upgraded.append(done)
+        await declare_exchanges(channel, settings)
+        tiers = await known_delay_tiers(connection, settings, reads=2)
         for endpoint in settings.endpoints:
             if (done := await run.upgrade_endpoint_queue(exchange, endpoint)) is not None:
                 upgraded.append(done)
+            else:  # bound to the retry exchange before its old tiers are moved
+                await declare_endpoint(channel, settings, endpoint)
+            upgraded += await run.retire_legacy_delay_queues(endpoint, tiers)
         return upgraded
     finally:
         await connection.close()
@@ -228,7 +280,10 @@ async def run_upgrade(settings: Settings) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for done in upgraded:
-        print(f"upgraded {done.queue}: {done.moved} message(s) carried over")
+        if done.removed:
+            print(f"removed {done.queue}: {done.moved} retry(ies) moved out")
+        else:
+            print(f"upgraded {done.queue}: {done.moved} message(s) carried over")
     if not upgraded:
         print("nothing to upgrade")
     lost = sum(done.lost for done in upgraded)
