@@ -32,6 +32,8 @@ from tests.conftest import (
     publish_events,
 )
 from tests.faults import rabbitmqctl
+from worker.metrics import Metrics
+from worker.service import Worker
 from worker.settings import RetrySettings, Settings, settings_from_document
 from worker.topology import (
     dead_letter_queue,
@@ -415,3 +417,34 @@ def as_async(predicate: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
         return predicate()
 
     return check
+
+
+def reloading_worker(first: dict[str, Any], *later: dict[str, Any]) -> Worker:
+    """A worker started from the config document ``first`` whose reloads read the documents
+    ``later``, one per reload."""
+    documents = iter(later)
+    return Worker(
+        settings_from_document(first, Path("x.yaml"), {}),
+        Metrics(),
+        load_settings=lambda: settings_from_document(next(documents), Path("x.yaml"), {}),
+    )
+
+
+async def is_ready(worker: Worker) -> bool:
+    return worker.is_ready()
+
+
+async def was_logged(logs: list[dict[str, object]], event: str, count: int = 1) -> bool:
+    return sum(entry["event"] == event for entry in logs) >= count
+
+
+async def consumers_of(exchange: str) -> dict[str, tuple[str, int]]:
+    """Queue -> (channel pid, prefetch) of every consumer on ``exchange``'s queues, as the
+    broker reports them."""
+    out = await rabbitmqctl("list_consumers", "queue_name", "channel_pid", "prefetch_count")
+    found = {}
+    for line in out.splitlines():
+        parts = line.split("\t")
+        if len(parts) == 3 and parts[0].startswith(f"{exchange}."):
+            found[parts[0]] = (parts[1], int(parts[2]))
+    return found

@@ -6,7 +6,6 @@ import asyncio
 import signal
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pytest
 from standardwebhooks.webhooks import Webhook
@@ -28,12 +27,9 @@ from tests.conftest import (
     run_python,
     write_config,
 )
-from tests.helpers import strand_in_legacy_tier
+from tests.helpers import is_ready, reloading_worker, strand_in_legacy_tier, was_logged
 from worker.exceptions import Unroutable
-from worker.metrics import Metrics
 from worker.reload import plan_reload
-from worker.service import Worker
-from worker.settings import settings_from_document
 from worker.topology import dead_letter_queue, endpoint_queue, inspect_queue
 
 
@@ -200,14 +196,14 @@ async def test_an_endpoint_that_cannot_start_on_reload_is_retried_not_fatal(
     await channel.declare_queue(conflicting, durable=True)  # classic, not quorum
     task = asyncio.create_task(worker.run())
     try:
-        await eventually(lambda: _ready(worker))
+        await eventually(lambda: is_ready(worker))
         with capture_logs() as logs:
             worker.request_reload()
-            await eventually(lambda: _logged(logs, "config_reload_failed"))
+            await eventually(lambda: was_logged(logs, "config_reload_failed"))
             await publish_events(exchange_name, 1, "a.event", "still")
             await receiver.wait_for(lambda: receiver.delivered_ids("/a") == ["still-0"])
             await channel.queue_delete(conflicting)
-            await eventually(lambda: _logged(logs, "endpoint_started"), timeout_s=20)
+            await eventually(lambda: was_logged(logs, "endpoint_started"), timeout_s=20)
         await publish_events(exchange_name, 1, "late.event", "late")
         await receiver.wait_for(lambda: receiver.delivered_ids("/late") == ["late-0"])
         assert worker.is_ready()
@@ -216,14 +212,6 @@ async def test_an_endpoint_that_cannot_start_on_reload_is_retried_not_fatal(
         await asyncio.wait_for(task, timeout=30)
         await channel.close()
         await broker.delete_all(worker.settings)
-
-
-async def _ready(worker: Worker) -> bool:
-    return worker.is_ready()
-
-
-async def _logged(logs: list[dict[str, object]], event: str, count: int = 1) -> bool:
-    return sum(entry["event"] == event for entry in logs) >= count
 
 
 @pytest.mark.parametrize("later", ["changed", "removed"])
@@ -247,15 +235,15 @@ async def test_a_start_retried_in_the_background_never_revives_an_older_version(
     await channel.declare_queue(conflicting, durable=True)  # classic, not quorum
     task = asyncio.create_task(worker.run())
     try:
-        await eventually(lambda: _ready(worker))
+        await eventually(lambda: is_ready(worker))
         with capture_logs() as logs:
             worker.request_reload()
-            await eventually(lambda: _logged(logs, "config_reload_failed"))
+            await eventually(lambda: was_logged(logs, "config_reload_failed"))
             worker.request_reload()
-            await eventually(lambda: _logged(logs, "config_reloaded", count=2))
+            await eventually(lambda: was_logged(logs, "config_reloaded", count=2))
             await channel.queue_delete(conflicting)
             if later == "changed":
-                await eventually(lambda: _logged(logs, "endpoint_started"), timeout_s=20)
+                await eventually(lambda: was_logged(logs, "endpoint_started"), timeout_s=20)
             else:
                 await asyncio.sleep(3)  # longer than the first retries' back-off
         assert not task.done()
@@ -264,7 +252,7 @@ async def test_a_start_retried_in_the_background_never_revives_an_older_version(
             await receiver.wait_for(lambda: len(receiver.delivered_ids("/new")) == 3)
             assert receiver.on("/old") == []
         else:
-            assert not await _logged(logs, "endpoint_started")
+            assert not await was_logged(logs, "endpoint_started")
             assert await inspect_queue(broker.connection, conflicting) is None
         assert worker.is_ready()
     finally:
@@ -289,10 +277,10 @@ async def test_endpoint_removed_counts_what_waits_in_its_legacy_delay_queues(
     await strand_in_legacy_tier(broker, stranded, "gone", 60, 3)
     task = asyncio.create_task(worker.run())
     try:
-        await eventually(lambda: _ready(worker))
+        await eventually(lambda: is_ready(worker))
         with capture_logs() as logs:
             worker.request_reload()
-            await eventually(lambda: _logged(logs, "config_reloaded"))
+            await eventually(lambda: was_logged(logs, "config_reloaded"))
         [removed] = [entry for entry in logs if entry["event"] == "endpoint_removed"]
         assert removed["queued"] == 3
     finally:
@@ -322,13 +310,13 @@ async def test_an_endpoint_removed_while_its_start_was_retried_is_unbound(
     await channel.declare_queue(conflicting, durable=True)  # classic: conflicts
     task = asyncio.create_task(worker.run())
     try:
-        await eventually(lambda: _ready(worker))
+        await eventually(lambda: is_ready(worker))
         with capture_logs() as logs:
             worker.request_reload()
-            await eventually(lambda: _logged(logs, "config_reload_failed"))
+            await eventually(lambda: was_logged(logs, "config_reload_failed"))
             worker.request_reload()
-            await eventually(lambda: _logged(logs, "config_reloaded", count=2))
-        assert await _logged(logs, "endpoint_removed")
+            await eventually(lambda: was_logged(logs, "config_reloaded", count=2))
+        assert await was_logged(logs, "endpoint_removed")
         with pytest.raises(Unroutable):
             await publish_events(exchange_name, 1, "late.event", "after-removal")
         assert await broker.depth(endpoint_queue(exchange_name, "late")) == 0
@@ -338,14 +326,3 @@ async def test_an_endpoint_removed_while_its_start_was_retried_is_unbound(
         await channel.queue_delete(conflicting)
         await channel.close()
         await broker.delete_all(everything)
-
-
-def reloading_worker(first: dict[str, Any], *later: dict[str, Any]) -> Worker:
-    """A worker started from the config document ``first`` whose reloads read the documents
-    ``later``, one per reload."""
-    documents = iter(later)
-    return Worker(
-        settings_from_document(first, Path("x.yaml"), {}),
-        Metrics(),
-        load_settings=lambda: settings_from_document(next(documents), Path("x.yaml"), {}),
-    )

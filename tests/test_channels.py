@@ -1,0 +1,177 @@
+"""Consume channels: one per endpoint up to the threshold, shared beyond it, each consumer
+keeping its own prefetch, and a refused declaration never closing a shared channel."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from structlog.testing import capture_logs
+
+from tests.conftest import (
+    Broker,
+    BrokerControl,
+    Receiver,
+    RunWorker,
+    endpoint,
+    eventually,
+    make_document,
+    make_settings,
+    publish_events,
+    run_python,
+    write_config,
+)
+from tests.helpers import consumers_of, is_ready, reloading_worker, was_logged
+from worker.topology import endpoint_queue, inspect_queue
+
+
+async def test_each_endpoint_has_a_channel_of_its_own_up_to_the_threshold(
+    exchange_name: str, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """With no more endpoints than worker.channel_per_endpoint_up_to, every consumer is on
+    a channel of its own, with its endpoint's prefetch."""
+    settings = make_settings(
+        exchange_name,
+        [
+            endpoint(f"e{n}", receiver.url(f"/e{n}"), [f"e{n}.#"], max_in_flight=n + 1)
+            for n in range(3)
+        ],
+        worker={"channel_per_endpoint_up_to": 3},
+    )
+    await run_worker(settings)
+    consumers = await consumers_of(exchange_name)
+    assert {queue: prefetch for queue, (_, prefetch) in consumers.items()} == {
+        endpoint_queue(exchange_name, f"e{n}"): n + 1 for n in range(3)
+    }
+    assert len({channel for channel, _ in consumers.values()}) == 3
+
+
+async def test_beyond_the_threshold_consumers_share_channels_by_prefetch(
+    exchange_name: str, receiver: Receiver, run_worker: RunWorker, broker: Broker
+) -> None:
+    """Past the threshold, consumers with the same prefetch share a channel and each keeps
+    its own prefetch (the broker reports it per consumer); every event to every endpoint is
+    delivered and acked on the shared channels, whoever's consumer it came to."""
+    prefetches = {"a": 5, "b": 5, "c": 7, "d": 5}
+    settings = make_settings(
+        exchange_name,
+        [
+            endpoint(name, receiver.url(f"/{name}"), [f"{name}.#"], max_in_flight=prefetch)
+            for name, prefetch in prefetches.items()
+        ],
+        worker={"channel_per_endpoint_up_to": 2},
+    )
+    await run_worker(settings)
+    consumers = await consumers_of(exchange_name)
+    channel = {name: consumers[endpoint_queue(exchange_name, name)][0] for name in prefetches}
+    assert {name: consumers[endpoint_queue(exchange_name, name)][1] for name in prefetches} == (
+        prefetches
+    )
+    assert channel["a"] == channel["b"] == channel["d"] != channel["c"]
+    for name in prefetches:
+        await publish_events(exchange_name, 40, f"{name}.event", name)
+    await receiver.wait_for(lambda: all(len(receiver.on(f"/{n}")) == 40 for n in prefetches))
+
+    async def all_acked() -> bool:
+        for name in prefetches:
+            inspected = await broker.channel()
+            try:
+                queue = await inspected.declare_queue(
+                    endpoint_queue(exchange_name, name), passive=True
+                )
+                if queue.declaration_result.message_count:
+                    return False
+            finally:
+                await inspected.close()
+        return True
+
+    await eventually(all_acked)
+    # Nothing unacked either: the consumers' channels hold no delivery back.
+    await asyncio.sleep(0.2)
+    assert sorted(receiver.delivered_ids("/c")) == sorted(f"c-{n}" for n in range(40))
+
+
+async def test_a_refused_declaration_does_not_disturb_a_shared_channel(
+    exchange_name: str, receiver: Receiver, broker: Broker
+) -> None:
+    """A reload adds an endpoint whose queue exists with other arguments: the broker refuses
+    it on a probe channel, the reload reports it, and the endpoints already sharing the
+    consume channel keep the same channel and keep delivering."""
+    a = endpoint("a", receiver.url("/a"), ["a.#"])
+    b = endpoint("b", receiver.url("/b"), ["b.#"])
+    late = endpoint("late", receiver.url("/late"), ["late.#"])
+    shared = {"channel_per_endpoint_up_to": 0}
+    worker = reloading_worker(
+        make_document(exchange_name, [a, b], worker=shared),
+        make_document(exchange_name, [a, b, late], worker=shared),
+    )
+    channel = await broker.channel()
+    conflicting = endpoint_queue(exchange_name, "late")
+    await channel.declare_queue(conflicting, durable=True)  # classic: conflicts with quorum
+    task = asyncio.create_task(worker.run())
+    try:
+        await eventually(lambda: is_ready(worker))
+        before = await consumers_of(exchange_name)
+        with capture_logs() as logs:
+            worker.request_reload()
+            await eventually(lambda: was_logged(logs, "config_reloaded"))
+        [failed] = [entry for entry in logs if entry["event"] == "config_reload_failed"]
+        assert failed["endpoint"] == "late"
+        assert await consumers_of(exchange_name) == before
+        await publish_events(exchange_name, 5, "a.event", "after")
+        await receiver.wait_for(
+            lambda: receiver.delivered_ids("/a") == [f"after-{n}" for n in range(5)]
+        )
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, timeout=30)
+        await channel.queue_delete(conflicting)
+        await channel.close()
+        await broker.delete_all(make_settings(exchange_name, [a, b]))
+
+
+async def test_a_retired_endpoint_is_not_declared_again_after_a_reconnect(
+    tmp_path: Path,
+    exchange_name: str,
+    receiver: Receiver,
+    broker: Broker,
+    broker_control: BrokerControl,
+) -> None:
+    """An endpoint removed by a reload leaves its shared channel for good: once retired
+    (its queue deleted), a reconnect restores the other consumers on that channel but does
+    not declare the retired endpoint's queue again."""
+    keep = endpoint("keep", receiver.url("/keep"), ["keep.#"])
+    gone = endpoint("gone", receiver.url("/gone"), ["gone.#"])
+    shared = {"channel_per_endpoint_up_to": 0}
+    after = make_document(exchange_name, [keep], worker=shared)
+    worker = reloading_worker(make_document(exchange_name, [keep, gone], worker=shared), after)
+    task = asyncio.create_task(worker.run())
+    try:
+        await eventually(lambda: is_ready(worker))
+        with capture_logs() as logs:
+            worker.request_reload()
+            await eventually(lambda: was_logged(logs, "config_reloaded"))
+        code, _, err = await run_python(
+            "-m",
+            "worker",
+            "dlq",
+            "retire",
+            "--config",
+            str(write_config(tmp_path, after)),
+            "--endpoint",
+            "gone",
+        )
+        assert code == 0, err
+        assert await broker_control.close_connections(f"hookline-worker consume {exchange_name}")
+        await eventually(lambda: _consumed(exchange_name, "keep"), timeout_s=30)
+        await publish_events(exchange_name, 3, "keep.event", "restored")
+        await receiver.wait_for(lambda: len(receiver.on("/keep")) == 3)
+        assert await inspect_queue(broker.connection, endpoint_queue(exchange_name, "gone")) is None
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, timeout=30)
+        await broker.delete_all(make_settings(exchange_name, [keep, gone]))
+
+
+async def _consumed(exchange: str, name: str) -> bool:
+    return endpoint_queue(exchange, name) in await consumers_of(exchange)
