@@ -58,6 +58,10 @@ DEATHS = "x-death"
 # a message whose copied ``x-death`` says it went round a dead-letter loop) and Hookline's
 # state, which every copy writes afresh.
 NOT_CARRIED_PREFIXES = ("x-", "hookline-")
+# RabbitMQ's sender-selected distribution: extra routing keys. Never carried into a copy: a
+# retry leaves its delay tier through a direct exchange where each endpoint queue is bound by
+# its name, and a copied ``CC`` would deliver the event to an endpoint that never subscribed.
+ROUTING_HEADERS = frozenset({"cc", "bcc"})
 MAX_COUNT = 1_000_000
 MAX_DETAIL_CHARS = 512
 MAX_DROPPED_NAMES_CHARS = 512
@@ -171,7 +175,8 @@ def text(value: Any) -> str:
 def carried(headers: Mapping[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
     """The publisher's own headers for a copy, and the names of those left out.
 
-    ``x-`` and ``hookline-`` headers are never carried. Every other value must survive
+    ``x-`` and ``hookline-`` headers are never carried, nor ``CC`` and ``BCC`` (extra
+    routing keys, see :data:`ROUTING_HEADERS`). Every other value must survive
     AMQP re-encoding unchanged: the client re-encodes some types differently from how they
     arrived (a 64-bit float goes out as 32 bits, a millisecond timestamp loses its
     milliseconds, a string that is not UTF-8 cannot go out as a string at all). Such a value
@@ -185,11 +190,14 @@ def _copyable(
     headers: Mapping[str, Any] | None, skipped_prefixes: tuple[str, ...]
 ) -> tuple[dict[str, Any], list[str]]:
     """Headers whose names do not start with ``skipped_prefixes`` and that survive
-    re-encoding (kept), and the names of those that do not (dropped)."""
+    re-encoding (kept), and the names of those that do not (dropped). Routing headers are
+    never kept."""
     kept: dict[str, Any] = {}
     dropped: list[str] = []
     for name, value in (headers or {}).items():
         if not isinstance(name, str) or name.lower().startswith(skipped_prefixes):
+            continue
+        if name.lower() in ROUTING_HEADERS:
             continue
         portable = _portable(value)
         if _survives_reencoding(name, portable):

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from aio_pika.abc import AbstractIncomingMessage
 from structlog.testing import capture_logs
 
+from producer.connection import connect
 from tests.conftest import (
     Broker,
     BrokerControl,
@@ -22,6 +24,7 @@ from tests.conftest import (
     write_config,
 )
 from tests.helpers import consumers_of, is_ready, reloading_worker, was_logged
+from worker.channels import ConsumeChannel
 from worker.topology import endpoint_queue, inspect_queue
 
 
@@ -175,3 +178,68 @@ async def test_a_retired_endpoint_is_not_declared_again_after_a_reconnect(
 
 async def _consumed(exchange: str, name: str) -> bool:
     return endpoint_queue(exchange, name) in await consumers_of(exchange)
+
+
+async def test_a_delivery_cut_short_by_a_reload_goes_back_at_once_on_a_shared_channel(
+    exchange_name: str, receiver: Receiver, broker: Broker
+) -> None:
+    """A replaced consumer's delivery still running past worker.shutdown_timeout_s is
+    cancelled; on a shared channel it is nacked back to its queue at once and reaches the
+    new consumer, instead of staying unacked until the broker's consumer timeout, and the
+    other endpoint on the channel keeps delivering meanwhile."""
+    receiver.script("/slow", (200, {}, 30.0))
+    slow = endpoint("slow", receiver.url("/slow"), ["slow.#"], timeout_s=60)
+    moved = endpoint("slow", receiver.url("/moved"), ["slow.#"], timeout_s=60)
+    other = endpoint("other", receiver.url("/other"), ["other.#"])
+    sections = {"worker": {"channel_per_endpoint_up_to": 0, "shutdown_timeout_s": 0.5}}
+    worker = reloading_worker(
+        make_document(exchange_name, [slow, other], **sections),
+        make_document(exchange_name, [moved, other], **sections),
+    )
+    task = asyncio.create_task(worker.run())
+    try:
+        await eventually(lambda: is_ready(worker))
+        await publish_events(exchange_name, 1, "slow.event", "cut")
+        await receiver.wait_for(lambda: len(receiver.on("/slow")) == 1)
+        worker.request_reload()
+        await receiver.wait_for(lambda: receiver.delivered_ids("/moved") == ["cut-0"])
+        await publish_events(exchange_name, 5, "other.event", "other")
+        await receiver.wait_for(lambda: len(receiver.delivered_ids("/other")) == 5)
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, timeout=30)
+        await broker.delete_all(make_settings(exchange_name, [slow, other]))
+
+
+async def test_after_a_reconnect_a_shared_channel_gives_its_consumers_the_group_prefetch(
+    exchange_name: str, broker: Broker, broker_control: BrokerControl
+) -> None:
+    """A robust channel restores every consumer with the last qos it sent. A consumer that
+    subscribed with another prefetch (a half-open circuit probes with 1) must not leave that
+    behind for the whole channel: after a reconnect the group's consumers have its prefetch."""
+    settings = make_settings(exchange_name, [endpoint("a", "http://127.0.0.1/", ["a.#"])])
+    connection = await connect(settings.broker, f"hookline-test qos {exchange_name}")
+    try:
+        shared = ConsumeChannel(await connection.channel(), dedicated=False, prefetch=5)
+        names = [f"{exchange_name}.q{n}" for n in range(2)]
+        for name, prefetch in zip(names, (5, 1), strict=True):
+            queue = await shared.channel.declare_queue(name, auto_delete=True)
+            await shared.consume(queue, _ignore, prefetch=prefetch, consumer_tag=f"{name}.consumer")
+        assert {q: p for q, (_, p) in (await consumers_of(exchange_name)).items()} == {
+            names[0]: 5,
+            names[1]: 1,
+        }
+        assert await broker_control.close_connections(f"hookline-test qos {exchange_name}")
+
+        async def restored() -> bool:
+            return len(await consumers_of(exchange_name)) == 2
+
+        await eventually(restored, timeout_s=30)
+        prefetches = {q: p for q, (_, p) in (await consumers_of(exchange_name)).items()}
+        assert prefetches[names[0]] == 5
+    finally:
+        await connection.close()
+
+
+async def _ignore(message: AbstractIncomingMessage) -> None:
+    await message.nack(requeue=True)

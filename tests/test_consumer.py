@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aio_pika
 import hypothesis
 import pytest
 from hypothesis import strategies as st
@@ -822,3 +823,37 @@ async def test_headers_decoded_with_loss_are_named_not_copied_changed(
     dropped = letter.headers["hookline-dropped-headers"].split(",")
     assert "when" in dropped and len(dropped) == 2
     assert all(name.isascii() for name in dropped)
+
+
+async def test_a_retry_never_carries_extra_routing_keys_to_another_endpoint(
+    exchange_name: str, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """A publisher's CC header names extra routing keys. Copied onto a retry, it would
+    route the retry, when it leaves its delay tier through the retry exchange, into every
+    endpoint queue it names as well: the retry copy leaves it out."""
+    receiver.script("/a", 503, 200)
+    settings = make_settings(
+        exchange_name,
+        [endpoint("a", receiver.url("/a"), ["a.#"]), endpoint("b", receiver.url("/b"), ["b.#"])],
+        retry={"delays_s": [0.2]},
+    )
+    await run_worker(settings)
+    connection = await connect(settings.broker, "hookline-test cc")
+    try:
+        channel = await connection.channel(on_return_raises=True)
+        exchange = await channel.get_exchange(exchange_name)
+        _, body = build_body("a.event", {}, event_id="evt_cc")
+        await exchange.publish(
+            aio_pika.Message(
+                body,
+                message_id="evt_cc",
+                headers={"CC": [endpoint_queue(exchange_name, "b")]},
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            "a.event",
+        )
+    finally:
+        await connection.close()
+    await receiver.wait_for(lambda: receiver.delivered_ids("/a") == ["evt_cc"])
+    await asyncio.sleep(0.5)
+    assert receiver.on("/b") == []

@@ -352,20 +352,7 @@ async def test_replay_interrupted_midway_loses_nothing(
     ids = await put_dead_letters(broker, exchange_name, 200)
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(settings_document(declared)))
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        "dlq",
-        "replay",
-        "--rate",
-        "50/s",
-        "--config",
-        str(config),
-        cwd=REPO,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    process = await _paced_replay(config, "50/s", stderr=asyncio.subprocess.PIPE)
     await eventually(
         lambda: _at_least(broker, endpoint_queue(exchange_name, "a"), 20), timeout_s=20
     )
@@ -384,6 +371,17 @@ async def _at_least(broker: Broker, queue: str, count: int) -> bool:
     return await broker.depth(queue) >= count
 
 
+async def _paced_replay(config: Path, rate: str, *, stderr: int) -> asyncio.subprocess.Process:
+    """``dlq replay --rate RATE`` in a subprocess, its stderr to ``stderr``."""
+    return await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "worker", "dlq", "replay", "--rate", rate),
+        *("--config", str(config)),
+        cwd=REPO,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=stderr,
+    )
+
+
 async def test_replay_shows_a_progress_bar_on_a_terminal(
     declared: Settings, exchange_name: str, broker: Broker, tmp_path: Path
 ) -> None:
@@ -393,20 +391,7 @@ async def test_replay_shows_a_progress_bar_on_a_terminal(
     config.write_text(yaml.safe_dump(settings_document(declared)))
     leader, follower = pty.openpty()
     try:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "worker",
-            "dlq",
-            "replay",
-            "--rate",
-            "20/s",
-            "--config",
-            str(config),
-            cwd=REPO,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=follower,
-        )
+        process = await _paced_replay(config, "20/s", stderr=follower)
         os.close(follower)
         await asyncio.wait_for(process.wait(), timeout=60)
         drawn = b""

@@ -83,8 +83,8 @@ def test_at_most_max_series_endpoints_and_the_rest_under_other() -> None:
     assert value(metrics, "webhook_in_flight", endpoint=OTHER) == 0
 
 
-def test_slots_go_by_detail_then_circuit_then_failures_then_backlog() -> None:
-    """metrics_detail outranks an open circuit, which outranks recent failures, which
+def test_slots_go_by_circuit_then_detail_then_failures_then_backlog() -> None:
+    """An open circuit outranks metrics_detail, which outranks recent failures, which
     outrank a backlog; a circuit that opens takes the slot of a lower class at once, while
     a larger backlog never moves an endpoint of its own class out."""
     clock = Clock()
@@ -279,3 +279,19 @@ def test_metrics_stay_bounded_with_3000_endpoints() -> None:
     assert len(labels) == 201 and OTHER in labels
     assert samples <= 20_000, samples
     assert len(generate_latest(metrics.registry).splitlines()) <= 25_000
+
+
+def test_open_circuits_take_the_slots_of_detail_endpoints() -> None:
+    """With every slot held by metrics_detail endpoints, a circuit that opens still gets
+    series of its own (the alerts read webhook_endpoint_circuit_state by endpoint), taking a
+    detail endpoint's slot."""
+    clock = Clock()
+    metrics, series = book(2, clock)
+    first, second, failing = endpoints(3)
+    for each in (first, second):
+        series.register(each.model_copy(update={"metrics_detail": True}))
+    handle = series.register(failing)
+    handle.set_circuit(CircuitState.OPEN)
+    assert failing.name in series.own()
+    assert value(metrics, "webhook_endpoint_circuit_state", endpoint=failing.name) == 1
+    assert len(series.own()) == 2

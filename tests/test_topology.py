@@ -11,6 +11,8 @@ from structlog.testing import capture_logs
 from producer import headers
 from tests.conftest import (
     Broker,
+    Receiver,
+    RunWorker,
     endpoint,
     eventually,
     make_settings,
@@ -256,6 +258,30 @@ async def test_queues_of_an_earlier_hookline_are_used_as_they_are_with_one_warni
     finally:
         await channel.close()
         await broker.delete_all(settings)
+
+
+async def test_a_worker_starts_among_many_endpoints_on_a_few_queues_of_an_earlier_hookline(
+    broker: Broker, exchange_name: str, receiver: Receiver, run_worker: RunWorker
+) -> None:
+    """Endpoints start many at a time, their queue declarations tried on probe channels: the
+    refusals of a few 0.1.0 queues (each closes the probe it was sent on) are theirs alone.
+    No other endpoint is taken for a conflict, the worker starts, and exactly those queues
+    are reported as needing an upgrade."""
+    hooks = [endpoint(f"e{n}", receiver.url(f"/e{n}"), [f"e{n}.#"]) for n in range(150)]
+    settings = make_settings(exchange_name, hooks, worker={"channel_per_endpoint_up_to": 0})
+    old = [endpoint_queue(exchange_name, f"e{n}") for n in range(0, 150, 30)]
+    channel = await broker.channel()
+    try:
+        for name in old:
+            await channel.declare_queue(
+                name, durable=True, arguments=legacy_work_queue_arguments(settings)
+            )
+        with capture_logs() as logs:
+            await run_worker(settings)
+        warned = [entry["queue"] for entry in logs if entry["event"] == "queue_needs_upgrade"]
+        assert sorted(warned) == sorted(old)
+    finally:
+        await channel.close()
 
 
 async def test_new_queues_get_dead_letter_exchanges(broker: Broker, exchange_name: str) -> None:

@@ -1,6 +1,6 @@
 """The channels endpoint consumers run on.
 
-Up to ``worker.channel_per_endpoint_up_to`` endpoints (1,000 by default), each endpoint has
+Up to ``worker.channel_per_endpoint_up_to`` endpoints (500 by default), each endpoint has
 a channel of its own, as before 0.2: a channel error (the broker closing it) then touches
 one endpoint only. Beyond that, a channel per endpoint would run into RabbitMQ's
 ``channel_max`` (2,047 per connection by default) and costs broker memory per channel, so
@@ -15,9 +15,12 @@ What a channel error costs when shared: every consumer on it stops receiving unt
 robust channel reopens it and restores them (a fraction of a second), and their unacked
 deliveries are redelivered: duplicates, never losses. To keep that rare, nothing that the
 broker may refuse is ever sent on a consume channel: queue declarations whose arguments may
-conflict go to :class:`worker.topology.Probe` first. On restore, a robust channel applies one
-prefetch (the last set) to all its consumers; grouping by prefetch means that is theirs,
-except for an endpoint probing a half-open circuit, which gets its full prefetch early.
+conflict go to :class:`worker.topology.Probe` first, and no RPC on a consume channel is ever
+cancelled half-way (aiormq closes a channel whose RPC is cancelled). On restore, a robust
+channel applies one prefetch (the last it sent) to all its consumers, so every consume puts
+the channel's qos back to its group's prefetch afterwards: after a reconnect each consumer
+has its own again, except an endpoint probing a half-open circuit, which gets its full
+prefetch early.
 """
 
 from __future__ import annotations
@@ -56,15 +59,35 @@ class ConsumeChannel:
         self.users = 0
         self._qos: int | None = None
         self._lock = asyncio.Lock()
+        self._subscribing: set[asyncio.Task[None]] = set()
 
     async def consume(
         self, queue: AbstractQueue, callback: Callback, *, prefetch: int, consumer_tag: str
     ) -> None:
+        """Subscribe with ``prefetch``. Never cancelled half-way (aiormq closes a channel
+        whose RPC is cancelled, under every consumer on it): if the caller is cancelled, the
+        subscription completes and the caller's ``consumer_tag`` cancels it."""
+        subscribing = asyncio.ensure_future(
+            self._consume(queue, callback, prefetch=prefetch, consumer_tag=consumer_tag)
+        )
+        self._subscribing.add(subscribing)
+        subscribing.add_done_callback(self._subscribing.discard)
+        await asyncio.shield(subscribing)
+
+    async def _consume(
+        self, queue: AbstractQueue, callback: Callback, *, prefetch: int, consumer_tag: str
+    ) -> None:
         async with self._lock:
-            if prefetch != self._qos:
-                await self.channel.set_qos(prefetch_count=prefetch)
-                self._qos = prefetch
+            await self._set_qos(prefetch)
             await queue.consume(callback, consumer_tag=consumer_tag)
+            # Back to the group's prefetch (a half-open circuit probes with 1): a robust
+            # channel restores its consumers after a reconnect with the last qos it sent.
+            await self._set_qos(self.prefetch_group)
+
+    async def _set_qos(self, prefetch: int) -> None:
+        if prefetch != self._qos:
+            await self.channel.set_qos(prefetch_count=prefetch)
+            self._qos = prefetch
 
     def forget(self, queue: AbstractQueue) -> None:
         """Stop restoring ``queue`` after a reconnect: its consumer left this channel (a

@@ -106,6 +106,11 @@ class EndpointConsumer:
         self._unsubscribed = asyncio.Event()
         self._unsubscribed.set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Messages (by id) whose ack or nack is under way or sent: a channel closes on a
+        # second settle of one delivery tag, and with it every consumer sharing it.
+        self._settling: set[int] = set()
+        # Cancels of our subscription still waiting for the broker; see _unsubscribe.
+        self._cancels: set[asyncio.Task[Any]] = set()
         # Circuit changes and cool-down timers; kept so that shutdown can cancel them.
         self._control_tasks: set[asyncio.Task[None]] = set()
         self._subscription_lock = asyncio.Lock()
@@ -190,11 +195,15 @@ class EndpointConsumer:
     async def _unsubscribe(self) -> None:
         tag, self._consumer_tag = self._consumer_tag, None
         if self._queue is not None and tag is not None:
+            # Never cancelled half-way: aiormq closes a channel whose RPC is cancelled, and
+            # the channel may be shared. Waited for within a bound (with the broker away, a
+            # robust queue waits for the reconnect first; it forgets the consumer before
+            # that wait, so a reconnect never restores it), then left to finish.
+            cancel = asyncio.ensure_future(self._queue.cancel(tag))
+            self._cancels.add(cancel)
+            cancel.add_done_callback(self._cancels.discard)
             try:
-                # Bounded: with the broker away, a robust queue waits for the reconnect
-                # first. It forgets the consumer before that wait, so a reconnect never
-                # restores it.
-                await asyncio.wait_for(self._queue.cancel(tag), timeout=UNSUBSCRIBE_WAIT_S)
+                await asyncio.wait_for(asyncio.shield(cancel), timeout=UNSUBSCRIBE_WAIT_S)
             except Exception as exc:  # noqa: BLE001 - the channel is gone, or will be
                 self._log.warning("consumer_cancel_failed", error=exc.__class__.__name__)
         self._unsubscribed.set()
@@ -233,13 +242,34 @@ class EndpointConsumer:
                 await self._give_back(message)
                 return
             await self._handle(message)
+        except asyncio.CancelledError:
+            # Drained past its bound (a replaced consumer, a shutdown): back to the queue
+            # now, unless its ack is already on its way. Left unsettled, it would stay on
+            # the channel until the broker's consumer timeout, holding back every ack of
+            # the consumers that share it.
+            if self._claim(message):
+                await asyncio.shield(self._requeue(message))
+            raise
         except Exception as exc:  # noqa: BLE001 - last resort: _handle settles every outcome
             # Reached only if settling itself failed unexpectedly; the message was not
             # acked, so it goes back (or is redelivered when its channel closes).
             self._log.error("delivery_settle_failed", error=exc.__class__.__name__, exc_info=exc)
-            await settle(message, requeue=True)
+            if self._claim(message):
+                await self._requeue(message)
         finally:
+            self._settling.discard(id(message))
             self._tasks.discard(task)
+
+    def _claim(self, message: AbstractIncomingMessage) -> bool:
+        """True for the one caller that may ack or nack ``message``."""
+        if id(message) in self._settling:
+            return False
+        self._settling.add(id(message))
+        return True
+
+    async def _requeue(self, message: AbstractIncomingMessage) -> None:
+        await settle(message, requeue=True)
+        self._acks.forget(message)
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         """Decide, record, ack, observe. Every message ends in exactly one of: acked after
@@ -440,6 +470,7 @@ class EndpointConsumer:
             except Exception as last:  # noqa: BLE001 - the broker decides; retried on redelivery
                 await self._not_recorded(message, outcome, log, error=last.__class__.__name__)
                 return None
+        self._claim(message)
         if not await self._acks.ack(message):
             log.warning("ack_failed_will_be_redelivered", message_id=message.message_id)
         return outcome
@@ -497,8 +528,8 @@ class EndpointConsumer:
         if self._holding_back():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._unsubscribed.wait(), timeout=UNSUBSCRIBE_WAIT_S)
-        await settle(message, requeue=True)
-        self._acks.forget(message)
+        if self._claim(message):
+            await self._requeue(message)
 
     def _observe(
         self,

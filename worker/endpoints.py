@@ -137,6 +137,9 @@ class EndpointSet:
             if self._closed:
                 return failed
             previous = {endpoint.name: endpoint for endpoint in self.settings.endpoints}
+            if plan.settings.security.ca_bundle != self.settings.security.ca_bundle:
+                # Every endpoint is in plan.changed then: their new clients use this one.
+                self._tls = client_tls_context(plan.settings)
             self.settings = plan.settings
             wanted = {endpoint.name: endpoint for endpoint in plan.settings.endpoints}
 

@@ -4,13 +4,15 @@ A worker may serve 10,000 endpoints; a dozen metrics with a series per endpoint 
 scrape. So an endpoint has series of its own (label ``endpoint="<name>"``) only while it is
 *notable*:
 
-- its config says ``metrics_detail: true``, or
 - its circuit is not closed, or
+- its config says ``metrics_detail: true``, or
 - it had a failed attempt (a retry or a dead letter) in the last 5 minutes, or
 - its queue held messages (backlog > 0) at its last depth poll.
 
 At most ``metrics.max_endpoint_series`` endpoints have series of their own, chosen in that
-priority order: detail, circuit, failures, then the largest backlog. Every other endpoint's
+priority order: circuit, detail, failures, then the largest backlog (so open circuits are
+seen by name as long as fewer than that many are open; ``webhook_circuits`` counts them all).
+Every other endpoint's
 activity is counted under ``endpoint="_other"``, so ``sum()`` over the label is always the
 worker's total. An endpoint that stops being notable keeps its series for a hold time of 5
 minutes, so that an endpoint on the edge does not flap; then its series are removed (only
@@ -66,8 +68,10 @@ DEAD_LETTER_REASONS = tuple(
 class Notability(enum.IntEnum):
     """Why an endpoint has series of its own; a lower value wins a slot."""
 
-    DETAIL = 0
-    CIRCUIT = 1
+    # An open circuit first: it is what an operator must see by name, and the alerts on it
+    # read webhook_endpoint_circuit_state.
+    CIRCUIT = 0
+    DETAIL = 1
     FAILURES = 2
     BACKLOG = 3
     HELD = 4  # no longer notable, within its hold time
@@ -370,10 +374,10 @@ class SeriesBook:
             self._promote_now(handle, Notability.FAILURES, take_lower=False)
 
     def _notability(self, handle: EndpointSeries, now: float) -> Notability | None:
-        if handle.detail:
-            return Notability.DETAIL
         if handle.circuit is not CircuitState.CLOSED:
             return Notability.CIRCUIT
+        if handle.detail:
+            return Notability.DETAIL
         if handle.failed_at is not None and now - handle.failed_at < FAILURE_WINDOW_S:
             return Notability.FAILURES
         if handle.backlog > 0:

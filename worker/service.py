@@ -276,7 +276,9 @@ class Worker:
         schedule_changed = plan.settings.retry.delays_s != self.settings.retry.delays_s
         if schedule_changed and not await self._declare_tiers(plan.settings):
             return
-        # What the reload replaces may be collected; frozen objects never would be.
+        # What the reload replaces may be collected; frozen objects never would be (nor
+        # would they if an earlier reload's refreeze ran in the middle of this one).
+        self._cancel_refreeze()
         gc.unfreeze()
         self.settings = plan.settings
         if schedule_changed:
@@ -323,16 +325,20 @@ class Worker:
             await endpoints.settled()
             freeze_heap()
 
+        self._refreezing = asyncio.create_task(refreeze(), name="refreeze-heap")
+
+    def _cancel_refreeze(self) -> None:
         if self._refreezing is not None:
             self._refreezing.cancel()
-        self._refreezing = asyncio.create_task(refreeze(), name="refreeze-heap")
+            self._refreezing = None
 
     async def _shutdown(self) -> None:
         self._closing = True
         self.metrics.ready.set(0)
-        if self._refreezing is not None:
-            self._refreezing.cancel()
-            await asyncio.gather(self._refreezing, return_exceptions=True)
+        refreezing = self._refreezing
+        self._cancel_refreeze()
+        if refreezing is not None:
+            await asyncio.gather(refreezing, return_exceptions=True)
         try:
             if self._endpoints is not None:
                 await self._endpoints.stop_consuming()

@@ -90,8 +90,9 @@ class WorkerSection(Model):
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Endpoints get a channel each up to this count; beyond it, consumers share channels
-    # (see worker.channels). 2,047 channels is RabbitMQ's default ceiling per connection.
-    channel_per_endpoint_up_to: int = Field(default=1000, ge=0, le=2000)
+    # (see worker.channels). RabbitMQ's default ceiling is 2,047 channels per connection,
+    # and a reload that replaces every endpoint holds old and new channels at once.
+    channel_per_endpoint_up_to: int = Field(default=500, ge=0, le=800)
 
 
 class MetricsSettings(Model):

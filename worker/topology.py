@@ -287,35 +287,39 @@ class Probe:
     A refused declare (PRECONDITION_FAILED: the queue exists with other arguments) closes
     the channel it was sent on. Endpoint consumers share channels at scale, so a declare
     that may be refused is tried here first, where a refusal costs nothing but this
-    channel, which is reopened on the next use.
+    channel. Each declare has a probe channel to itself while it runs: a refusal then
+    answers that declare only, never one that merely shared the channel. A closed channel
+    is replaced by a new one on its next use.
     """
 
     def __init__(self, anchor: AbstractChannel, size: int = 4) -> None:
         self._anchor = anchor  # a robust channel: its connection is the one to open on
-        self._channels: list[aiormq.abc.AbstractChannel | None] = [None] * size
-        self._next = 0
+        self._free: asyncio.Queue[aiormq.abc.AbstractChannel | None] = asyncio.Queue()
+        for _ in range(size):
+            self._free.put_nowait(None)
+        self._all: list[aiormq.abc.AbstractChannel] = []
 
     async def accepts(self, name: str, arguments: dict[str, Any]) -> bool:
         """Declare ``name`` durable with ``arguments``: False if it exists with other
         arguments. Creates the queue if it does not exist."""
-        slot = self._next
-        self._next = (self._next + 1) % len(self._channels)
-        channel = self._channels[slot]
-        if channel is None or channel.is_closed:
-            underlay = await self._anchor.get_underlay_channel()
-            channel = await underlay.connection.channel()
-            self._channels[slot] = channel
+        channel = await self._free.get()
         try:
+            if channel is None or channel.is_closed:
+                underlay = await self._anchor.get_underlay_channel()
+                channel = await underlay.connection.channel()
+                self._all = [*(kept for kept in self._all if not kept.is_closed), channel]
             await channel.queue_declare(name, durable=True, arguments=arguments)
         except aiormq.exceptions.ChannelPreconditionFailed:
             return False
+        finally:
+            self._free.put_nowait(channel)
         return True
 
     async def close(self) -> None:
-        for channel in self._channels:
-            if channel is not None and not channel.is_closed:
+        opened, self._all = self._all, []
+        for channel in opened:
+            if not channel.is_closed:
                 await channel.close()
-        self._channels = [None] * len(self._channels)
 
 
 async def _accepted_arguments(
@@ -427,34 +431,43 @@ async def declare_dead_letter_overflow_queue(
     )
 
 
+async def declare_retry_exchanges(channel: AbstractChannel, exchange: str) -> None:
+    """The exchanges around the delay tiers: ``<exchange>.delay`` in, ``<exchange>.retry``
+    out, and its alternate exchange ``<exchange>.retry.orphans``. Idempotent."""
+    orphans = await channel.declare_exchange(
+        retry_orphans_exchange(exchange), aio_pika.ExchangeType.FANOUT, durable=True
+    )
+    await channel.declare_exchange(
+        retry_exchange(exchange),
+        aio_pika.ExchangeType.DIRECT,
+        durable=True,
+        arguments={"alternate-exchange": orphans.name},
+    )
+    await channel.declare_exchange(
+        delay_exchange(exchange), aio_pika.ExchangeType.HEADERS, durable=True
+    )
+
+
 async def declare_retry_tiers(channel: AbstractChannel, settings: Settings) -> None:
     """The shared delay tiers of ``retry.delays_s`` and the exchanges around them; the
     dead-letter queue must exist (orphaned retries go there). Idempotent."""
     exchange = settings.broker.exchange
 
     async def declare() -> None:
+        # Orphans lead somewhere before any retry can become one.
         orphans = await channel.declare_exchange(
             retry_orphans_exchange(exchange), aio_pika.ExchangeType.FANOUT, durable=True
         )
-        # Orphans lead somewhere before any retry can become one.
         dead_letters = await channel.declare_queue(dead_letter_queue(exchange), passive=True)
         await dead_letters.bind(orphans)
-        await channel.declare_exchange(
-            retry_exchange(exchange),
-            aio_pika.ExchangeType.DIRECT,
-            durable=True,
-            arguments={"alternate-exchange": orphans.name},
-        )
-        delays = await channel.declare_exchange(
-            delay_exchange(exchange), aio_pika.ExchangeType.HEADERS, durable=True
-        )
+        await declare_retry_exchanges(channel, exchange)
         for delay in delay_tiers(settings.retry):
             tier = await channel.declare_queue(
                 delay_queue(exchange, delay),
                 durable=True,
                 arguments=delay_queue_arguments(settings, delay),
             )
-            await tier.bind(delays, arguments=delay_binding(delay))
+            await tier.bind(delay_exchange(exchange), arguments=delay_binding(delay))
 
     await _translating_conflicts(declare())
 

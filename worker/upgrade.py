@@ -62,6 +62,7 @@ from worker.topology import (
     declare_dead_letter_queue,
     declare_endpoint,
     declare_exchanges,
+    declare_retry_exchanges,
     delay_exchange,
     delay_label,
     endpoint_queue,
@@ -71,6 +72,8 @@ from worker.topology import (
     legacy_dead_letter_queue_arguments,
     legacy_delay_queue,
     legacy_work_queue_arguments,
+    retry_exchange,
+    retry_orphans_exchange,
     work_queue_arguments,
 )
 
@@ -170,11 +173,17 @@ class QueueUpgrade:
             return fresh_copy(message, self._exchange_name)
 
         lost = 0
+        orphans = retry_orphans_exchange(self._exchange_name)
+        waiting = await self.declare_holding(name)
+        # Orphaned retries (an endpoint retired while they waited) keep a place to go
+        # while the dead-letter queue is away.
+        await waiting.bind(orphans)
         if state == "legacy":
-            await self.declare_holding(name)
             await self.move(name, holding, copy_letter)
             lost = await self.delete(name)
         await declare_dead_letter_queue(self.channel, self.settings)
+        await (await self.channel.declare_queue(name, passive=True)).bind(orphans)
+        await waiting.unbind(orphans)
         moved = await self.move(holding, name, copy_letter)
         await self.delete(holding)
         return Upgraded(name, moved, lost)
@@ -191,14 +200,18 @@ class QueueUpgrade:
         if state in ("missing", "current") and not resuming:
             return None
         lost = 0
+        retries = retry_exchange(self._exchange_name)
         if state == "legacy":
-            # Bound before the old queue is unbound: every event reaches one of them.
+            # Bound before the old queue is unbound: every event, and every retry leaving
+            # a shared tier for this endpoint, reaches one of them.
             waiting = await self.declare_holding(name)
             for pattern in endpoint.events:
                 await waiting.bind(exchange, routing_key=pattern)
+            await waiting.bind(retries, routing_key=name)
             old = await self.channel.declare_queue(name, passive=True)
             for pattern in endpoint.events:
                 await old.unbind(exchange, routing_key=pattern)
+            await old.unbind(retries, routing_key=name)
             await self.move(name, holding, _moved_copy)
             lost = await self.delete(name)
         # Declared and bound before the holding queue is unbound, as above.
@@ -206,6 +219,7 @@ class QueueUpgrade:
         waiting = await self.channel.declare_queue(holding, passive=True)
         for pattern in endpoint.events:
             await waiting.unbind(exchange, routing_key=pattern)
+        await waiting.unbind(retries, routing_key=name)
         moved = await self.move(holding, name, _moved_copy)
         await self.delete(holding)
         return Upgraded(name, moved, lost)
@@ -255,6 +269,7 @@ async def upgrade_queues(settings: Settings) -> list[Upgraded]:
         names += [endpoint_queue(exchange_name, e.name) for e in settings.endpoints]
         await run.refuse_if_consumed(*names, *map(holding_queue, names))
         exchange = await declare_exchange(channel, exchange_name)
+        await declare_retry_exchanges(channel, exchange_name)
         upgraded = []
         # The dead-letter queue first: recreated work queues dead-letter into it.
         if (done := await run.upgrade_dead_letter_queue()) is not None:
