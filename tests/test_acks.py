@@ -106,3 +106,22 @@ async def test_nacked_deliveries_do_not_block_the_multiple_ack(
     assert all(await asyncio.gather(*(acks.ack(m) for m in rest)))
     await channel.close()
     await broker.wait_depth(queue.name, 0)
+
+
+async def test_behind_a_delivery_that_outran_the_hold_acks_go_at_once(
+    delivered: tuple[aio_pika.abc.AbstractChannel, AbstractQueue, list[AbstractIncomingMessage]],
+    broker: Broker,
+) -> None:
+    """Delivery 1 has run longer than the hold (a hung endpoint's, on a channel shared with
+    others): the deliveries finishing behind it are acked one by one at once instead of
+    each waiting out the hold, which would pin every consumer's prefetch window on the
+    channel. The bound checked is the hold itself (2 s), not a speed."""
+    channel, queue, messages = delivered
+    acks = coalescer_for(messages, flush_delay_s=0.005, max_hold_s=2.0)
+    await asyncio.sleep(2.1)
+    finished = messages[1:]
+    results = await asyncio.wait_for(asyncio.gather(*(acks.ack(m) for m in finished)), 1.5)
+    assert all(results)
+    await channel.close()
+    await broker.wait_depth(queue.name, 1)
+    assert [m.body for m in await broker.drain(queue.name)] == [b"0"]

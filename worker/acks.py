@@ -5,7 +5,11 @@ machine the broker shares the CPU with the worker. Coalescing acks lets the brok
 that CPU on deliveries instead. It never acks early: a tag is acked only once its own
 outcome is recorded, and a multiple-ack only ever covers tags that have all finished.
 Tags above a still-running delivery wait for it at most ``max_hold_s``, then are acked one
-by one, so a slow request cannot pin the channel's prefetch window.
+by one, so a slow request cannot pin the channel's prefetch window; once that delivery has
+itself run longer than ``max_hold_s`` (a hung endpoint), tags behind it are acked one by one
+at once. That matters on a channel shared by many endpoints' consumers: without it, every
+ack behind one hung endpoint's delivery waited ``max_hold_s``, and its neighbours' prefetch
+windows with it (scenario (f) with every consumer on one channel: 0.28x).
 """
 
 from __future__ import annotations
@@ -35,17 +39,21 @@ class AckCoalescer:
         self._settled_upto = 0  # every tag up to here is settled
         self._settled_above: set[int] = set()  # settled one by one, above _settled_upto
         self._finished: dict[int, tuple[AbstractIncomingMessage, float, asyncio.Future[bool]]] = {}
+        self._running_since: dict[int, float] = {}  # started, not yet finished or settled
         self._flusher: asyncio.Task[None] | None = None
 
     def started(self, message: AbstractIncomingMessage) -> None:
         channel = _channel_of(message)
         if channel is not None and channel is not self._channel:
             self._adopt(channel)
+        if channel is not None:
+            self._running_since[self._tag(message)] = time.monotonic()
 
     def forget(self, message: AbstractIncomingMessage) -> None:
         """The delivery was settled another way (nacked)."""
         if _channel_of(message) is self._channel:
             self._settled_above.add(self._tag(message))
+            self._running_since.pop(self._tag(message), None)
 
     async def ack(self, message: AbstractIncomingMessage) -> bool:
         """Resolves once the ack covering ``message`` is written; False if it could not be."""
@@ -53,6 +61,7 @@ class AckCoalescer:
             return await _send(message, multiple=False)
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._finished[self._tag(message)] = (message, time.monotonic(), future)
+        self._running_since.pop(self._tag(message), None)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_soon())
         return await future
@@ -67,6 +76,7 @@ class AckCoalescer:
         self._settled_upto = 0
         self._settled_above.clear()
         self._finished.clear()
+        self._running_since.clear()
 
     @staticmethod
     def _tag(message: AbstractIncomingMessage) -> int:
@@ -96,7 +106,12 @@ class AckCoalescer:
                 self._resolve(covered, ok)
                 self._settled_above.discard(covered)
             self._settled_upto = last_finished
-        deadline = time.monotonic() - self._max_hold_s
+        now = time.monotonic()
+        blocking_since = self._running_since.get(self._settled_upto + 1)
+        if blocking_since is not None and now - blocking_since > self._max_hold_s:
+            deadline = now  # what holds the run back is slow itself: waiting gains nothing
+        else:
+            deadline = now - self._max_hold_s
         for held in sorted(self._finished):
             entry = self._finished.get(held)
             if entry is None or entry[1] > deadline:
