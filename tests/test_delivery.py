@@ -10,6 +10,7 @@ import struct
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import hypothesis
 import pytest
@@ -59,6 +60,19 @@ def private_ca() -> tuple[trustme.CA, ssl.SSLContext]:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     authority.issue_cert("127.0.0.1").configure_cert(context)
     return authority, context
+
+
+def trusting(
+    private_ca: tuple[trustme.CA, ssl.SSLContext], tmp_path: Path, endpoints: list[dict[str, Any]]
+) -> Settings:
+    """Settings for ``endpoints`` over https with the private CA as security.ca_bundle."""
+    bundle = tmp_path / "ca.pem"
+    private_ca[0].cert_pem.write_to_path(str(bundle))
+    return make_settings(
+        "unused",
+        endpoints,
+        security={"require_https": True, "allow_private_networks": True, "ca_bundle": str(bundle)},
+    )
 
 
 async def ok(_: web.Request) -> web.Response:
@@ -262,19 +276,8 @@ async def test_private_ca_bundle_is_trusted(
     tmp_path: Path, private_ca: tuple[trustme.CA, ssl.SSLContext]
 ) -> None:
     """security.ca_bundle lets Hookline verify endpoints signed by a private CA."""
-    authority, context = private_ca
-    bundle = tmp_path / "ca.pem"
-    authority.cert_pem.write_to_path(str(bundle))
-    async with serve(ok, ssl_context=context) as url:
-        settings = make_settings(
-            "unused",
-            [endpoint("tls", url, ["#"])],
-            security={
-                "require_https": True,
-                "allow_private_networks": True,
-                "ca_bundle": str(bundle),
-            },
-        )
+    async with serve(ok, ssl_context=private_ca[1]) as url:
+        settings = trusting(private_ca, tmp_path, [endpoint("tls", url, ["#"])])
         result = await attempt_once(settings, "evt-5")
     assert result.status == 200
 
@@ -821,18 +824,10 @@ async def test_clients_share_one_tls_context_with_the_ca_bundle(
 ) -> None:
     """One context from client_tls_context, given to several clients, trusts
     security.ca_bundle for each of them."""
-    authority, context = private_ca
-    bundle = tmp_path / "ca.pem"
-    authority.cert_pem.write_to_path(str(bundle))
-    async with serve(ok, ssl_context=context) as url:
-        settings = make_settings(
-            "unused",
-            [endpoint("one", url, ["#"]), endpoint("two", url.replace("/hook", "/two"), ["#"])],
-            security={
-                "require_https": True,
-                "allow_private_networks": True,
-                "ca_bundle": str(bundle),
-            },
+    async with serve(ok, ssl_context=private_ca[1]) as url:
+        two = url.replace("/hook", "/two")
+        settings = trusting(
+            private_ca, tmp_path, [endpoint("one", url, ["#"]), endpoint("two", two, ["#"])]
         )
         tls = client_tls_context(settings)
         clients = [EndpointClient(settings, ep, tls=tls) for ep in settings.endpoints]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+
+from aiohttp import web
 
 from tests.conftest import (
     Broker,
@@ -22,6 +25,7 @@ from tests.helpers import (
     put_raw_dead_letter,
     strand_in_earlier_tier,
 )
+from worker.inspect import worker_circuits
 from worker.settings import settings_from_document
 from worker.topology import dead_letter_queue
 
@@ -135,3 +139,35 @@ async def test_status_shows_delay_tiers_of_an_earlier_schedule(
     code, out = await status(config, "--json", "--worker", "http://127.0.0.1:9")
     assert code == 0, out
     assert json.loads(out)["retry_tiers"] == {"200ms": 0, "60s": 3}
+
+
+async def test_circuits_of_endpoints_a_worker_does_not_list() -> None:
+    """A worker that lists every endpoint it runs does not run the others: they get no
+    state from it. One over its 1,000-entry cap has them closed, unless it counts more
+    circuits not closed than it listed: then they are unknown."""
+    documents: list[dict[str, Any]] = []
+
+    async def status_json(_: web.Request) -> web.Response:
+        return web.json_response(documents[-1])
+
+    app = web.Application()
+    app.router.add_get("/status.json", status_json)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        url = f"http://127.0.0.1:{port}"
+        open_a = [{"name": "a", "circuit": "open"}]
+        for total, not_closed, expected in (
+            (1, 1, {"a": "open"}),
+            (1500, 1, {"a": "open", "b": "closed"}),
+            (1500, 2, {"a": "open", "b": "unknown"}),
+        ):
+            documents.append(
+                {"endpoints": open_a, "endpoints_total": total, "circuits_not_closed": not_closed}
+            )
+            assert await worker_circuits(url, ["a", "b"]) == expected
+    finally:
+        await runner.cleanup()

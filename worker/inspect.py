@@ -6,8 +6,8 @@ tiers are shared by every endpoint, so they are reported once: those of the curr
 recorded in the exchange's delay-tier manifest. Circuit states live in each worker's
 memory, so they are read from the workers' ``/status.json`` (``--worker URL``, by default
 this host's metrics port) and shown per worker count. A worker lists at most 1,000
-endpoints there, those needing attention first; an endpoint it answers for without listing
-it has a closed circuit.
+endpoints there, those needing attention first (see :func:`worker_circuits` for the ones it
+does not list).
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ async def gather(settings: Settings, worker_urls: list[str], scan_limit: int) ->
         if endpoint_name in by_name:
             by_name[endpoint_name].dead_letters[reason] = count
     names = list(by_name)
-    for states in await asyncio.gather(*(_worker_circuits(url, names) for url in worker_urls)):
+    for states in await asyncio.gather(*(worker_circuits(url, names) for url in worker_urls)):
         for name, state in states.items():
             if name in by_name:
                 circuits = by_name[name].circuits
@@ -115,10 +115,12 @@ async def gather(settings: Settings, worker_urls: list[str], scan_limit: int) ->
     return StatusReport(reports, tiers, scanned, total)
 
 
-async def _worker_circuits(url: str, names: list[str]) -> dict[str, str]:
+async def worker_circuits(url: str, names: list[str]) -> dict[str, str]:
     """endpoint -> circuit state from one worker; empty if it does not answer. A worker
-    lists the endpoints needing attention first, and at most a bounded number: one it does
-    not list, among ``names``, is closed there."""
+    lists the endpoints needing attention first, and at most a bounded number. If it listed
+    all it runs, the others are not its own and get no state; if it hit its cap, one of
+    ``names`` it does not list is closed there (unknown if it counts more circuits not
+    closed than it listed)."""
     timeout = aiohttp.ClientTimeout(total=WORKER_TIMEOUT_S)
     try:
         async with (
@@ -128,9 +130,12 @@ async def _worker_circuits(url: str, names: list[str]) -> dict[str, str]:
             document = await response.json()
         listed = {e["name"]: e["circuit"] for e in document["endpoints"]}
         not_closed = int(document.get("circuits_not_closed", 0))
+        running = int(document.get("endpoints_total", len(listed)))
     except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError):
         return {}
-    # Closed unless the worker has more circuits open than it listed (over its cap).
+    if running <= len(listed):
+        return listed  # every endpoint it runs is listed: the others are not its own
+    # Over its cap: closed, unless it has more circuits not closed than it listed.
     listed_not_closed = sum(1 for state in listed.values() if state != "closed")
     unlisted = "closed" if not_closed <= listed_not_closed else "unknown"
     return {name: listed.get(name, unlisted) for name in names}
