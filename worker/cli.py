@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=10_000,
         help="dead letters to read when counting them by reason",
     )
+    status.add_argument(
+        "--management-url",
+        metavar="URL",
+        help="RabbitMQ's management API (http://user:password@host:15672): warn when a "
+        "node's open-file limit is low or mostly used",
+    )
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     send_test = command("send-test", "POST a signed hookline.test event to one endpoint")
     send_test.add_argument("--endpoint", required=True, help="the endpoint's name")

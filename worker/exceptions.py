@@ -17,6 +17,7 @@ __all__ = [
     "HooklineError",
     "InvalidEnvelope",
     "ListenError",
+    "ManagementUnavailable",
     "NotConfirmed",
     "PublishError",
     "TopologyConflict",
@@ -34,3 +35,7 @@ class ListenError(HooklineError):
 
 class TopologyConflict(HooklineError):
     """A queue or exchange exists on the broker with other arguments than Hookline declares."""
+
+
+class ManagementUnavailable(HooklineError):
+    """RabbitMQ's management API could not be read (the message never holds a password)."""

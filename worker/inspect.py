@@ -24,6 +24,8 @@ from rich.table import Table
 
 from producer.connection import connect
 from worker import dlq
+from worker.exceptions import ManagementUnavailable
+from worker.nodes import NodeFiles, read_nodes
 from worker.retry import delay_tiers
 from worker.settings import Settings
 from worker.terminal import printable, terminal_json
@@ -67,9 +69,14 @@ class StatusReport:
     retry_tiers: dict[str, int | None]
     dead_letters_read: int
     dead_letters_total: int
+    # From the management API, when asked for: each node's open files, or why not read.
+    nodes: list[NodeFiles] | None = None
+    nodes_error: str | None = None
 
 
-async def gather(settings: Settings, worker_urls: list[str], scan_limit: int) -> StatusReport:
+async def gather(
+    settings: Settings, worker_urls: list[str], scan_limit: int, management_url: str | None = None
+) -> StatusReport:
     """Every endpoint's report, the retry tiers, and how many dead letters were read of
     how many."""
     exchange = settings.broker.exchange
@@ -112,7 +119,13 @@ async def gather(settings: Settings, worker_urls: list[str], scan_limit: int) ->
             if name in by_name:
                 circuits = by_name[name].circuits
                 circuits[state] = circuits.get(state, 0) + 1
-    return StatusReport(reports, tiers, scanned, total)
+    report = StatusReport(reports, tiers, scanned, total)
+    if management_url is not None:
+        try:
+            report.nodes = await read_nodes(management_url)
+        except ManagementUnavailable as exc:
+            report.nodes_error = str(exc)
+    return report
 
 
 async def worker_circuits(url: str, names: list[str]) -> dict[str, str]:
@@ -148,9 +161,9 @@ def default_worker_urls(settings: Settings) -> list[str]:
 
 async def run_status(settings: Settings, args: argparse.Namespace) -> int:
     urls = args.worker if args.worker is not None else default_worker_urls(settings)
-    report = await gather(settings, urls, args.scan_limit)
+    report = await gather(settings, urls, args.scan_limit, args.management_url)
     if args.json:
-        document = {
+        document: dict[str, Any] = {
             "exchange": settings.broker.exchange,
             "dead_letters_read": report.dead_letters_read,
             "dead_letters_total": report.dead_letters_total,
@@ -159,10 +172,30 @@ async def run_status(settings: Settings, args: argparse.Namespace) -> int:
                 {**asdict(endpoint), "circuit": endpoint.circuit} for endpoint in report.endpoints
             ],
         }
+        if args.management_url is not None:
+            document["broker_nodes"] = (
+                None
+                if report.nodes is None
+                else [{**asdict(node), "warning": node.warning} for node in report.nodes]
+            )
+            document["broker_nodes_error"] = report.nodes_error
         print(terminal_json(document, indent=2))
         return 0
-    Console(width=max(100, Console().width)).print(render(report, urls))
+    console = Console(width=max(100, Console().width))
+    console.print(render(report, urls))
+    for line in node_lines(report):
+        console.print(_cell(line))
     return 0
+
+
+def node_lines(report: StatusReport) -> list[str]:
+    """One line per broker node read from the management API, warnings first."""
+    if report.nodes_error is not None:
+        return [f"broker nodes: not read ({report.nodes_error})"]
+    lines = []
+    for node in sorted(report.nodes or [], key=lambda node: node.warning is None):
+        lines.append(f"{'warning' if node.warning else 'ok'}: {node.name}: {node.describe()}")
+    return lines
 
 
 def render(report: StatusReport, urls: list[str]) -> Any:
