@@ -352,7 +352,8 @@ async def test_replay_interrupted_midway_loses_nothing(
     ids = await put_dead_letters(broker, exchange_name, 200)
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(settings_document(declared)))
-    process = await _paced_replay(config, "50/s", stderr=asyncio.subprocess.PIPE)
+    # 10 s of replaying at 20/s: the signal lands in the middle even on a slow run.
+    process = await _paced_replay(config, "20/s", stderr=asyncio.subprocess.PIPE)
     await eventually(
         lambda: _at_least(broker, endpoint_queue(exchange_name, "a"), 20), timeout_s=20
     )
