@@ -26,6 +26,8 @@ from worker.upgrade import run_upgrade
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+# How often an interrupted command is cancelled again until it ends.
+INTERRUPT_REPEAT_S = 0.1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,11 +112,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         command = cli_dlq.run_dlq(settings, args)
     try:
-        return run_async(_reporting_errors(settings, command))
+        return run_async(_until_interrupted(_reporting_errors(settings, command)))
     except KeyboardInterrupt:
         # The broker takes back every message the command held but had not settled.
         print("interrupted: nothing lost; messages not yet handled stay queued", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+async def _until_interrupted(command: Coroutine[Any, Any, int]) -> int:
+    """Run a one-shot command; Ctrl-C cancels it and ends in KeyboardInterrupt (exit 130).
+
+    The cancel is repeated until the command ends: on Python 3.11, ``asyncio.wait_for``
+    (which aiormq awaits confirms with) drops a cancel that arrives as its inner call
+    completes, and a replay would then carry on to its end and exit 0."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(command)
+    interrupted = False
+
+    def interrupt() -> None:
+        nonlocal interrupted
+        interrupted = True
+        task.cancel()
+
+    loop.add_signal_handler(signal.SIGINT, interrupt)
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=INTERRUPT_REPEAT_S)
+            if interrupted and not task.done():
+                task.cancel()
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+    if interrupted:
+        raise KeyboardInterrupt
+    return task.result()
 
 
 def run_async(main_coroutine: Coroutine[Any, Any, int]) -> int:
