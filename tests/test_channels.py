@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 from structlog.testing import capture_logs
 
@@ -243,3 +244,38 @@ async def test_after_a_reconnect_a_shared_channel_gives_its_consumers_the_group_
 
 async def _ignore(message: AbstractIncomingMessage) -> None:
     await message.nack(requeue=True)
+
+
+async def test_a_subscription_cancelled_half_way_leaves_a_shared_channel_open(
+    exchange_name: str, broker: Broker
+) -> None:
+    """aiormq closes a channel whose RPC is cancelled. A consumer stopped while it is
+    subscribing (a circuit change interrupted by a reload or a shutdown) must not do that to
+    a channel other consumers share: the subscription runs to its end, and a delivery held
+    by another consumer on the channel can still be acked."""
+    settings = make_settings(exchange_name, [endpoint("a", "http://127.0.0.1/", ["a.#"])])
+    connection = await connect(settings.broker, f"hookline-test cancel {exchange_name}")
+    try:
+        shared = ConsumeChannel(await connection.channel(), dedicated=False, prefetch=5)
+        held: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        first = await shared.channel.declare_queue(f"{exchange_name}.q0", auto_delete=True)
+        second = await shared.channel.declare_queue(f"{exchange_name}.q1", auto_delete=True)
+        await shared.consume(first, held.put, prefetch=5, consumer_tag=f"{exchange_name}.c0")
+        await shared.channel.default_exchange.publish(aio_pika.Message(b"{}"), first.name)
+        message = await asyncio.wait_for(held.get(), timeout=10)
+        subscribing = asyncio.create_task(
+            shared.consume(second, _ignore, prefetch=1, consumer_tag=f"{exchange_name}.c1")
+        )
+        await asyncio.sleep(0)  # its qos RPC is on the wire
+        subscribing.cancel()
+        await asyncio.gather(subscribing, return_exceptions=True)
+        await message.ack()
+        await eventually(lambda: _consumed_queue(exchange_name, second.name), timeout_s=10)
+        assert not shared.channel.is_closed
+        assert await broker.depth(first.name) == 0
+    finally:
+        await connection.close()
+
+
+async def _consumed_queue(exchange: str, queue: str) -> bool:
+    return queue in await consumers_of(exchange)
