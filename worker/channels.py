@@ -31,6 +31,8 @@ from typing import Any
 
 import structlog
 from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustChannel,
@@ -167,8 +169,8 @@ class ChannelPool:
             await close_quietly(channel.channel)
 
 
-async def close_quietly(channel: AbstractRobustChannel) -> None:
+async def close_quietly(closable: AbstractChannel | AbstractConnection) -> None:
     try:
-        await channel.close()
+        await closable.close()
     except Exception as exc:  # noqa: BLE001 - closing what may already be broken
         log.debug("close_failed", error=exc.__class__.__name__)

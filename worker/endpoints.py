@@ -29,7 +29,7 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from producer.connection import BROKER_GONE
-from worker.channels import ChannelPool, ConsumeChannel
+from worker.channels import ChannelPool, ConsumeChannel, close_quietly
 from worker.consumer import EndpointConsumer, prefetch_for
 from worker.delivery import IDLE_CLOSE_S, IDLE_SWEEP_S, EndpointClient, client_tls_context
 from worker.exceptions import HooklineError
@@ -406,10 +406,3 @@ async def drain(in_flight: Iterable[asyncio.Task[Any]], timeout_s: float) -> Non
     if unfinished:
         log.warning("worker_drain_timed_out", abandoned=len(unfinished))
         await asyncio.wait(unfinished, timeout=5)
-
-
-async def close_quietly(closable: AbstractChannel | AbstractRobustConnection) -> None:
-    try:
-        await closable.close()
-    except Exception as exc:  # noqa: BLE001 - closing what may already be broken
-        log.debug("close_failed", error=exc.__class__.__name__)

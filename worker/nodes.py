@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
+from producer.settings import mask_url
 from worker.exceptions import ManagementUnavailable
 
 # Below this, a node wedges once a few hundred quorum queues exist (measured: 270-540 with
@@ -52,12 +53,6 @@ class NodeFiles:
         return None
 
 
-def masked(url: str) -> str:
-    """The management URL without its password, for messages."""
-    parsed = URL(url)
-    return str(parsed.with_password("****")) if parsed.password else str(parsed)
-
-
 async def read_nodes(management_url: str) -> list[NodeFiles]:
     """Every node's open files, from ``<management_url>/api/nodes`` (basic auth from the
     URL's user and password). Raises :class:`ManagementUnavailable` with a message free of the
@@ -75,12 +70,16 @@ async def read_nodes(management_url: str) -> list[NodeFiles]:
             session.get(base / "api" / "nodes") as response,
         ):
             if response.status != 200:
-                raise ManagementUnavailable(f"{masked(management_url)} answered {response.status}")
+                raise ManagementUnavailable(
+                    f"{mask_url(management_url)} answered {response.status}"
+                )
             document = await response.json()
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        raise ManagementUnavailable(f"{masked(management_url)}: {exc.__class__.__name__}") from None
+        raise ManagementUnavailable(
+            f"{mask_url(management_url)}: {exc.__class__.__name__}"
+        ) from None
     if not isinstance(document, list):
-        raise ManagementUnavailable(f"{masked(management_url)}: not a list of nodes")
+        raise ManagementUnavailable(f"{mask_url(management_url)}: not a list of nodes")
     return [_node(entry) for entry in document if isinstance(entry, dict)]
 
 

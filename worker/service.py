@@ -14,8 +14,9 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from producer.connection import BROKER_GONE, connect
 from producer.exchange import declare_exchange
+from worker.channels import close_quietly
 from worker.depths import QueueDepths, poll_depths
-from worker.endpoints import EndpointSet, close_quietly
+from worker.endpoints import EndpointSet
 from worker.exceptions import ConfigError, HooklineError
 from worker.metrics import Metrics
 from worker.opsevents import OperationalEvents
