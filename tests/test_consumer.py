@@ -38,6 +38,7 @@ from tests.helpers import (
     Double,
     FailingResolver,
     as_async,
+    consumers_of,
     publish_raw,
     publishable_header_values,
 )
@@ -857,3 +858,36 @@ async def test_a_retry_never_carries_extra_routing_keys_to_another_endpoint(
     await receiver.wait_for(lambda: receiver.delivered_ids("/a") == ["evt_cc"])
     await asyncio.sleep(0.5)
     assert receiver.on("/b") == []
+
+
+async def test_a_paused_endpoint_keeps_its_events_queued_and_the_worker_ready(
+    exchange_name: str, receiver: Receiver, run_worker: RunWorker, broker: Broker
+) -> None:
+    """An endpoint with ``paused: true`` has its queue declared and bound, so its events
+    queue up, but no consumer on it: nothing is POSTed, while the worker is ready and its
+    other endpoints deliver. A stop leaves the events queued."""
+    settings = make_settings(
+        exchange_name,
+        [
+            endpoint("held", receiver.url("/held"), ["held.#"], paused=True),
+            endpoint("live", receiver.url("/live"), ["live.#"]),
+        ],
+    )
+    worker = await run_worker(settings)
+    assert worker.is_ready()
+    assert worker._endpoints is not None
+    paused = {consumer.endpoint.name: consumer.paused for consumer in worker._endpoints.consumers}
+    assert paused == {"held": True, "live": False}
+    await publish_events(exchange_name, 4, "held.event", "held")
+    await publish_events(exchange_name, 1, "live.event", "live")
+    queue = endpoint_queue(exchange_name, "held")
+    await broker.wait_depth(queue, 4)
+    await receiver.wait_for(lambda: receiver.delivered_ids("/live") == ["live-0"])
+    await asyncio.sleep(0.3)
+    assert receiver.on("/held") == []
+    assert worker.is_ready()
+    consumed = await consumers_of(exchange_name)
+    assert queue not in consumed
+    assert endpoint_queue(exchange_name, "live") in consumed
+    await run_worker.stop(worker)
+    assert await broker.depth(queue) == 4

@@ -1,4 +1,9 @@
-"""Consuming one endpoint's queue: parse, attempt, decide, record, then ack.
+"""Consuming one endpoint's queue: parse, filter, attempt, decide, record, then ack.
+
+An event that does not match the endpoint's filter (:mod:`worker.filters`) is acked at once,
+before any rate-limit token or request: nothing is recorded on the broker, and it counts
+neither as an attempt nor against the circuit. A paused endpoint's consumer declares and
+binds its queue, so events keep queueing, but does not subscribe to it.
 
 The consumer also applies the endpoint's rate limit and acts on its circuit breaker: it
 cancels its subscription while the circuit is open and subscribes with a prefetch of one
@@ -26,7 +31,7 @@ from worker.delivery import EndpointClient
 from worker.exceptions import InvalidEnvelope, PublishError
 from worker.metrics import Metrics
 from worker.opsevents import OperationalEvents
-from worker.outcomes import Action, AttemptResult, Decision, ErrorKind, Reason
+from worker.outcomes import FILTERED, Action, AttemptResult, Decision, ErrorKind, Reason
 from worker.ratelimit import TokenBucket
 from worker.recent import RecentOutcomes
 from worker.recorder import Recorder, settle
@@ -46,6 +51,7 @@ OUTCOME_EVENTS = {
     Action.ACK: "delivery_succeeded",
     Action.RETRY: "delivery_retry_scheduled",
     Action.DEAD_LETTER: "delivery_dead_lettered",
+    Action.FILTER: "delivery_filtered",
 }
 
 
@@ -56,7 +62,7 @@ class Outcome:
     decision: Decision
     attempts: int  # attempts made, this one included: what ``hookline-attempts`` records
     handler_errors: int  # the worker's own failures on it, this one included
-    last_status: str
+    last_status: str  # "none" when nothing was attempted
     detail: str
     result: AttemptResult | None = None  # None when nothing was attempted
 
@@ -126,11 +132,18 @@ class EndpointConsumer:
         )
         self.recent = RecentOutcomes()
         self._acks = channel.acks
+        self._filter = endpoint.filter
 
     @property
     def running(self) -> bool:
         """Started and not stopping; an open circuit is a running consumer's choice."""
         return self._started and not self._stopped.is_set()
+
+    @property
+    def paused(self) -> bool:
+        """Paused by its config: its queue is declared and bound, so events wait there,
+        but nothing is consumed. Resuming is a config change, which replaces the consumer."""
+        return self.endpoint.paused
 
     @property
     def circuit_state(self) -> CircuitState:
@@ -154,7 +167,11 @@ class EndpointConsumer:
         self._queue = await declare_endpoint(
             self._channel.channel, self._settings, self.endpoint, self._probe
         )
-        await self._subscribe(self._prefetch)
+        if self.paused:
+            # Running all the same: a pause is the config's choice, not a fault.
+            self._log.info("consumer_paused")
+        else:
+            await self._subscribe(self._prefetch)
         self._started = True
 
     async def stop_consuming(self) -> None:
@@ -328,7 +345,17 @@ class EndpointConsumer:
         attempt: int,
         handler_errors: int,
     ) -> Outcome | None:
-        """One attempt and its decision; None when the message must go back unattempted."""
+        """The filter, then one attempt and its decision; None when the message must go
+        back unattempted."""
+        if self._filter is not None and not self._filter.matches(envelope):
+            # Before any token or request: acked as it is, and not an attempt.
+            return Outcome(
+                FILTERED,
+                attempts=attempt - 1,
+                handler_errors=handler_errors,
+                last_status="none",
+                detail="",
+            )
         if self._rate_limit is not None and not await self._take_token():
             return None
         result = await self._attempt(envelope, message.body)
@@ -479,6 +506,8 @@ class EndpointConsumer:
         self, message: AbstractIncomingMessage, outcome: Outcome, *, bare: bool = False
     ) -> None:
         decision = outcome.decision
+        if decision.action in (Action.ACK, Action.FILTER):
+            return  # the ack is the whole record
         if decision.action is Action.RETRY:
             assert decision.delay_s is not None
             await self._recorder.schedule_retry(
@@ -539,6 +568,11 @@ class EndpointConsumer:
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
         decision, result = outcome.decision, outcome.result
+        if decision.action is Action.FILTER:
+            # Not an attempt: no outcome series, no rates, nothing for the circuit.
+            self._series.count_filtered()
+            log.info(OUTCOME_EVENTS[decision.action], outcome=decision.action.value)
+            return
         if decision.action is not Action.ACK:
             self._series.failed()  # also what was never attempted: invalid, handler errors
         self._series.count_outcome(decision.action)

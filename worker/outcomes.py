@@ -41,9 +41,19 @@ class Reason(enum.StrEnum):
 
 
 class Action(enum.Enum):
+    """What becomes of a message once it is decided; the value is the ``outcome`` log field
+    (and, for the actions an attempt ends in, the ``outcome`` metric label)."""
+
     ACK = "delivered"
     RETRY = "retried"
     DEAD_LETTER = "dead_lettered"
+    # Never attempted: the event does not match the endpoint's filter (worker.filters). It
+    # is acknowledged without a request, and counted in webhook_filtered_total only.
+    FILTER = "filtered"
+
+
+# What an attempt can end in: the ``outcome`` label values of ``webhook_deliveries_total``.
+ATTEMPT_ACTIONS = (Action.ACK, Action.RETRY, Action.DEAD_LETTER)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,3 +101,4 @@ class Decision:
 
 
 DELIVERED = Decision(Action.ACK)
+FILTERED = Decision(Action.FILTER)

@@ -27,9 +27,10 @@ whose circuit leaves closed is promoted at once (taking a lower class's slot if 
 free), as are endpoints that fail or are set to ``metrics_detail`` while a slot is free.
 
 What an endpoint's own series are: deliveries by outcome, attempts by status class, dead
-letters by reason, record failures, the two histograms, in flight and rate-limit waits
-(each created at zero, about 65 series with the histograms' buckets), plus
-``webhook_endpoint_circuit_state`` (absent means closed) and ``webhook_backlog_messages``.
+letters by reason, record failures, the two histograms, in flight, rate-limit waits and
+events its filter passed over (each created at zero, about 66 series with the histograms'
+buckets), plus ``webhook_endpoint_circuit_state`` (absent means closed) and
+``webhook_backlog_messages``.
 ``webhook_circuits{state}`` counts this worker's endpoints per circuit state, whatever
 their series.
 
@@ -48,7 +49,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import Counter, Gauge, Histogram
 
 from worker.circuit import CircuitState
-from worker.outcomes import Action, Reason
+from worker.outcomes import ATTEMPT_ACTIONS, Action, Reason
 
 if TYPE_CHECKING:
     from worker.metrics import Metrics
@@ -91,6 +92,7 @@ class LabelSeries:
         "deliveries",
         "duration",
         "end_to_end",
+        "filtered",
         "in_flight",
         "label",
         "rate_limited",
@@ -104,9 +106,10 @@ class LabelSeries:
         self._metrics = metrics
         self._on_drained = on_drained
         self.label = label
+        # Only what an attempt ends in: a filtered event was never attempted.
         self.deliveries: dict[Action, Counter] = {
             action: metrics.deliveries.labels(endpoint=label, outcome=action.value)
-            for action in Action
+            for action in ATTEMPT_ACTIONS
         }
         # Created as they occur: most endpoints only ever see a class or two.
         self.attempts: dict[str, Counter] = {}
@@ -119,6 +122,7 @@ class LabelSeries:
         self.end_to_end: Histogram = metrics.end_to_end.labels(endpoint=label)
         self.in_flight: Gauge = metrics.in_flight.labels(endpoint=label)
         self.rate_limited: Counter = metrics.rate_limited.labels(endpoint=label)
+        self.filtered: Counter = metrics.filtered.labels(endpoint=label)
         # An endpoint's own state gauges, while it has series of its own.
         self.circuit: Gauge | None = None
         self.backlog: Gauge | None = None
@@ -161,7 +165,7 @@ class LabelSeries:
 
     def remove(self) -> None:
         metrics, label = self._metrics, self.label
-        for action in Action:
+        for action in ATTEMPT_ACTIONS:
             metrics.deliveries.remove(label, action.value)
         for status_class in self.attempts:
             metrics.attempts.remove(label, status_class)
@@ -173,6 +177,7 @@ class LabelSeries:
             metrics.end_to_end,
             metrics.in_flight,
             metrics.rate_limited,
+            metrics.filtered,
         ):
             metric.remove(label)
 
@@ -224,6 +229,7 @@ class EndpointSeries:
         self._series.duration.observe(seconds)
 
     def count_outcome(self, action: Action) -> None:
+        """An attempt's outcome (one of ``ATTEMPT_ACTIONS``)."""
         self._series.deliveries[action].inc()
 
     def observe_end_to_end(self, seconds: float) -> None:
@@ -237,6 +243,11 @@ class EndpointSeries:
 
     def count_rate_limited(self) -> None:
         self._series.rate_limited.inc()
+
+    def count_filtered(self) -> None:
+        """An event acknowledged without a request: it did not match the endpoint's filter.
+        Not an attempt, and nothing that makes the endpoint notable."""
+        self._series.filtered.inc()
 
     def set_circuit(self, state: CircuitState) -> None:
         self._book.circuit_changed(self, state)
