@@ -30,6 +30,8 @@ from pydantic_core import PydanticCustomError
 from producer.exceptions import ConfigError
 
 BROKER_URL_ENV = "HOOKLINE_BROKER_URL"
+DATABASE_URL_ENV = "HOOKLINE_DATABASE_URL"
+SECRET_KEY_ENV = "HOOKLINE_SECRET_KEY"  # noqa: S105 - the variable's name, not a secret
 EXCHANGE_NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 
 
@@ -182,10 +184,15 @@ def read_config_file(path: Path, environ: Mapping[str, str] | None = None) -> di
         document = {}
     if not isinstance(document, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
-    override = environ.get(BROKER_URL_ENV)
-    if override:
-        broker = document.get("broker")
-        document["broker"] = {**(broker if isinstance(broker, dict) else {}), "url": override}
+    for variable, section, key in (
+        (BROKER_URL_ENV, "broker", "url"),
+        (DATABASE_URL_ENV, "registry", "database_url"),
+        (SECRET_KEY_ENV, "registry", "secret_key"),
+    ):
+        override = environ.get(variable)
+        if override:
+            current = document.get(section)
+            document[section] = {**(current if isinstance(current, dict) else {}), key: override}
     return document
 
 
@@ -235,7 +242,15 @@ def field_problem(field: str, message: str) -> PydanticCustomError:
 def format_validation_error(path: Path, exc: ValidationError) -> ConfigError:
     """One line per problem, each ``<file>: <field>: <message>``, naming the field and never
     echoing the value (it may be a secret)."""
-    lines = []
+    return ConfigError(
+        "\n".join(f"{path}: {field}: {message}" for field, message in field_errors(exc))
+    )
+
+
+def field_errors(exc: ValidationError) -> list[tuple[str, str]]:
+    """``(field, message)`` per problem: what the config file's errors and the API's 422
+    answers both say."""
+    found = []
     for error in exc.errors(include_input=False, include_url=False):
         field = _field_path(error["loc"])
         if error["type"] == FIELD_PROBLEM:
@@ -243,9 +258,8 @@ def format_validation_error(path: Path, exc: ValidationError) -> ConfigError:
             field = ".".join(part for part in (field, str(context.get("field", ""))) if part)
             field = field.removeprefix("(top level).")
         message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
-        message = message.removeprefix("Value error, ")
-        lines.append(f"{path}: {field}: {message}")
-    return ConfigError("\n".join(lines))
+        found.append((field, message.removeprefix("Value error, ")))
+    return found
 
 
 def _field_path(loc: tuple[int | str, ...]) -> str:

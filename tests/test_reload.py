@@ -84,6 +84,18 @@ def test_identical_config_changes_nothing() -> None:
     assert (plan.added, plan.removed, plan.changed, plan.unchanged) == ((), (), (), ("a",))
 
 
+def test_pausing_or_resuming_an_endpoint_replaces_its_consumer() -> None:
+    """paused is part of the endpoint, so a pause or a resume changes it (its consumer is
+    replaced); the others are unchanged."""
+    a = endpoint("a", "http://127.0.0.1:1/a", ["a.#"])
+    b = endpoint("b", "http://127.0.0.1:1/b", ["b.#"])
+    paused = make_settings("x", [{**a, "paused": True}, b])
+    resumed = make_settings("x", [a, b])
+    for running, loaded in ((paused, resumed), (resumed, paused)):
+        plan = plan_reload(running, loaded)
+        assert (plan.changed, plan.unchanged) == (("a",), ("b",))
+
+
 async def run_cli(*args: str) -> tuple[int, str]:
     code, out, err = await run_python("-m", "worker", *args)
     return code, out + err
@@ -326,3 +338,43 @@ async def test_an_endpoint_removed_while_its_start_was_retried_is_unbound(
         await channel.queue_delete(conflicting)
         await channel.close()
         await broker.delete_all(everything)
+
+
+async def test_a_paused_endpoint_receives_what_queued_once_a_reload_resumes_it(
+    exchange_name: str, receiver: Receiver, broker: Broker
+) -> None:
+    """Events for a paused endpoint wait in its queue with nothing POSTed; a reload to
+    ``paused: false`` replaces its consumer, which delivers every one of them, and what is
+    published afterwards too."""
+    held = endpoint("held", receiver.url("/held"), ["held.#"])
+    live = endpoint("live", receiver.url("/live"), ["live.#"])
+    worker = reloading_worker(
+        make_document(exchange_name, [{**held, "paused": True}, live]),
+        make_document(exchange_name, [held, live]),
+    )
+    queue = endpoint_queue(exchange_name, "held")
+    task = asyncio.create_task(worker.run())
+    try:
+        await eventually(lambda: is_ready(worker))
+        waiting = await publish_events(exchange_name, 5, "held.event", "waiting")
+        await broker.wait_depth(queue, 5)
+        await publish_events(exchange_name, 1, "live.event", "live")
+        await receiver.wait_for(lambda: receiver.delivered_ids("/live") == ["live-0"])
+        assert receiver.on("/held") == []
+        with capture_logs() as logs:
+            worker.request_reload()
+            await eventually(lambda: was_logged(logs, "config_reloaded"))
+        [reloaded] = [entry for entry in logs if entry["event"] == "config_reloaded"]
+        assert (reloaded["changed"], reloaded["added"], reloaded["removed"]) == (["held"], [], [])
+        await receiver.wait_for(lambda: sorted(receiver.delivered_ids("/held")) == waiting)
+        after = await publish_events(exchange_name, 1, "held.event", "after")
+        await receiver.wait_for(lambda: len(receiver.delivered_ids("/held")) == 6)
+        assert sorted(receiver.delivered_ids("/held")) == sorted([*waiting, *after])
+        await broker.wait_depth(queue, 0)
+        assert worker._endpoints is not None
+        assert not any(consumer.paused for consumer in worker._endpoints.consumers)
+        assert worker.is_ready()
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, timeout=30)
+        await broker.delete_all(worker.settings)

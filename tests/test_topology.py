@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import aio_pika
 import pytest
@@ -10,6 +11,7 @@ from structlog.testing import capture_logs
 
 from producer import headers
 from tests.conftest import (
+    AMQP_URL,
     Broker,
     Receiver,
     RunWorker,
@@ -34,6 +36,7 @@ from worker.topology import (
     delay_tier_manifest_queue,
     endpoint_of_work_queue,
     endpoint_queue,
+    inspect_queue,
     is_delay_queue,
     known_delay_tiers,
     legacy_dead_letter_queue_arguments,
@@ -364,3 +367,21 @@ async def test_count_waiting_includes_legacy_delay_queues_of_every_recorded_tier
         await broker.delete_all(
             settings.model_copy(update={"retry": RetrySettings(delays_s=(60,))})
         )
+
+
+async def test_asking_after_missing_queues_leaves_no_channel_open() -> None:
+    """A passive declare of a missing queue closes its channel: inspect_queue uses channels
+    the robust connection does not reopen, so twenty questions leave none behind (the API
+    asked after every new endpoint's queue, and once ran into channel_max)."""
+    connection = await aio_pika.connect_robust(AMQP_URL)
+    try:
+        assert connection.transport is not None
+        before = len(connection.transport.connection.channels)
+        for n in range(20):
+            assert (
+                await inspect_queue(connection, f"hl-test-missing-{uuid.uuid4().hex}-{n}") is None
+            )
+        await asyncio.sleep(0.2)
+        assert len(connection.transport.connection.channels) == before
+    finally:
+        await connection.close()

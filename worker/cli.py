@@ -12,11 +12,13 @@ from typing import Any
 
 from producer.exceptions import error_lines
 from worker import cli_dlq, cli_unrouted
-from worker.cli_args import positive_int
+from worker.cli_args import add_tenant_filter, positive_int
 from worker.exceptions import ConfigError, HooklineError, ListenError, TopologyConflict
 from worker.inspect import run_status
 from worker.logs import configure_logging
+from worker.registry import with_registry_endpoints
 from worker.retry import delay_tiers
+from worker.secretbox import SecretBox
 from worker.sendtest import run_send_test
 from worker.service import Worker
 from worker.settings import Settings, load_settings
@@ -63,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         "node's open-file limit is low or mostly used",
     )
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_tenant_filter(status)
     send_test = command("send-test", "POST a signed hookline.test event to one endpoint")
     send_test.add_argument("--endpoint", required=True, help="the endpoint's name")
     command(
@@ -79,9 +82,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings(args.config)
+        if settings.registry.enabled:
+            SecretBox.from_setting(settings.registry.secret_key)
     except ConfigError as exc:
         print(error_lines(exc), file=sys.stderr)
         return EXIT_BAD_INPUT
+    if settings.registry.enabled and args.command not in ("run", "check-config"):
+        try:
+            settings = asyncio.run(with_registry_endpoints(settings))
+        except HooklineError as exc:
+            print(f"warning: {exc}; using the config file's endpoints only", file=sys.stderr)
     named = getattr(args, "endpoint", None)
     if named is not None and named not in {endpoint.name for endpoint in settings.endpoints}:
         if args.command == "send-test":

@@ -13,6 +13,7 @@ from producer.exceptions import (
 
 __all__ = [
     "BlockedDestination",
+    "BrokerUnavailable",
     "ConfigError",
     "HooklineError",
     "InvalidEnvelope",
@@ -20,6 +21,8 @@ __all__ = [
     "ManagementUnavailable",
     "NotConfirmed",
     "PublishError",
+    "RegistryUnavailable",
+    "SecretUnreadable",
     "TopologyConflict",
     "Unroutable",
 ]
@@ -39,3 +42,16 @@ class TopologyConflict(HooklineError):
 
 class ManagementUnavailable(HooklineError):
     """RabbitMQ's management API could not be read (the message never holds a password)."""
+
+
+class RegistryUnavailable(HooklineError):
+    """The endpoint registry's database could not be reached (the message never holds a
+    password)."""
+
+
+class SecretUnreadable(HooklineError):
+    """A stored endpoint secret that no configured key opens (wrong key, or tampered with)."""
+
+
+class BrokerUnavailable(HooklineError):
+    """RabbitMQ did not do what a request needed: away, too slow, or refusing."""

@@ -5,6 +5,8 @@ never URLs or ids."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from producer import __version__
@@ -32,6 +34,16 @@ END_TO_END_BUCKETS_S = (
     43200,
     86400,
 )
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryGauges:
+    """Exported only by workers that follow a registry: a worker without one has no
+    registry to be disconnected from, and an alert on ``== 0`` must not fire for it."""
+
+    connected: Gauge
+    endpoints: Gauge
+    last_sync: Gauge
 
 
 class Metrics:
@@ -109,6 +121,13 @@ class Metrics:
             ["endpoint"],
             registry=r,
         )
+        self.filtered = Counter(
+            "webhook_filtered",
+            "Events acknowledged without a request because they did not match the endpoint's "
+            "filter.",
+            ["endpoint"],
+            registry=r,
+        )
         self.broker_connected = Gauge(
             "webhook_broker_connected",
             "1 while the worker's broker connections are up.",
@@ -124,6 +143,7 @@ class Metrics:
             "1 while the worker is connected and consuming.",
             registry=r,
         )
+        self._registry_gauges: RegistryGauges | None = None
         self.backlog = Gauge(
             "webhook_backlog_messages",
             "Messages ready in an endpoint's queue (polled from the broker, a share of the "
@@ -162,3 +182,26 @@ class Metrics:
     def forget_endpoint(self, endpoint: str) -> None:
         """A removed endpoint: see :meth:`SeriesBook.forget`."""
         self.series.forget(endpoint)
+
+    def registry_gauges(self) -> RegistryGauges:
+        """The registry's gauges, registered on first use."""
+        if self._registry_gauges is None:
+            self._registry_gauges = RegistryGauges(
+                connected=Gauge(
+                    "webhook_registry_connected",
+                    "1 while the worker follows the endpoint registry (PostgreSQL); 0 while "
+                    "it delivers with the endpoints it last read.",
+                    registry=self.registry,
+                ),
+                endpoints=Gauge(
+                    "webhook_registry_endpoints",
+                    "Endpoints the worker has from the registry.",
+                    registry=self.registry,
+                ),
+                last_sync=Gauge(
+                    "webhook_registry_last_sync_timestamp_seconds",
+                    "When the worker last read the registry (Unix time).",
+                    registry=self.registry,
+                ),
+            )
+        return self._registry_gauges

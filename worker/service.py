@@ -21,6 +21,7 @@ from worker.exceptions import ConfigError, HooklineError
 from worker.metrics import Metrics
 from worker.opsevents import OperationalEvents
 from worker.recorder import Recorder
+from worker.registry import Registry
 from worker.reload import plan_reload
 from worker.server import HealthServer
 from worker.settings import Settings
@@ -39,6 +40,9 @@ RELOAD_DECLARE_FAILURES: tuple[type[BaseException], ...] = (*TIER_RECORDING_FAIL
 POLLER_STOP_S = 5.0
 # A reload with a new retry schedule declares its tiers first, within this bound.
 RELOAD_DECLARE_TIMEOUT_S = 10.0
+# The heap is frozen again once changes have stopped for this long: a full collection at
+# 10,000 endpoints takes a noticeable pause, and registry changes can come every second.
+REFREEZE_QUIET_S = 2.0
 # The worker_starting line names this many endpoints at most.
 LOGGED_ENDPOINTS = 100
 
@@ -53,7 +57,9 @@ class Worker:
     messages return to their queues), then the connections.
 
     :meth:`request_reload` (SIGHUP) re-reads the config through ``load_settings`` and
-    applies endpoint changes without dropping or duplicating in-flight deliveries.
+    applies endpoint changes without dropping or duplicating in-flight deliveries. With
+    ``registry.database_url``, the registry's endpoints join the file's, and a change in
+    the registry is applied the same way (:mod:`worker.registry`).
     """
 
     def __init__(
@@ -63,12 +69,20 @@ class Worker:
         load_settings: Callable[[], Settings] | None = None,
     ) -> None:
         self.settings = settings
+        # As the config file gave them; self.settings adds the registry's endpoints.
+        self._file_settings = settings
         self.metrics = (
             metrics
             if metrics is not None
             else Metrics(max_endpoint_series=settings.metrics.max_endpoint_series)
         )
         self._load_settings = load_settings
+        self._registry_changed = False
+        self.registry = (
+            Registry(settings, self.metrics, self._on_registry_change)
+            if settings.registry.enabled
+            else None
+        )
         self.depths = QueueDepths()
         self.health = HealthServer(
             self.metrics,
@@ -76,6 +90,7 @@ class Worker:
             settings.metrics.host,
             settings.metrics.port,
             status=self.status,
+            detail=self.readiness_detail,
         )
         # Created here, not in run(), so a signal that arrives while start-up is still
         # being scheduled is not lost.
@@ -106,6 +121,17 @@ class Worker:
         self._reload_requested = True
         self._wake.set()
 
+    def _on_registry_change(self) -> None:
+        self._registry_changed = True
+        self._wake.set()
+
+    def readiness_detail(self) -> dict[str, Any]:
+        """What ``/readyz`` adds to its answer: the registry's state (a database outage
+        does not make the worker unready: it delivers with the endpoints it has)."""
+        if self.registry is None:
+            return {}
+        return {"detail": {"registry": self.registry.detail()}}
+
     def is_ready(self) -> bool:
         return (
             self._started
@@ -118,13 +144,15 @@ class Worker:
             and self._endpoints.all_running()
         )
 
-    def status(self) -> dict[str, Any]:
-        """What the status page shows; no URLs beyond hosts, no secrets."""
+    def status(self, tenant: str | None = None) -> dict[str, Any]:
+        """What the status page shows (``tenant``'s endpoints only, if given); no URLs
+        beyond hosts, no secrets."""
         return build_status(
             self.settings,
             self._endpoints.consumers if self._endpoints is not None else [],
             self.depths,
             ready=self.is_ready(),
+            tenant=tenant,
         )
 
     @property
@@ -141,18 +169,32 @@ class Worker:
             event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
         try:
+            if self.registry is not None:
+                await self.registry.start()
+                self._registry_changed = False
+                self.settings = self._with_registry(self._file_settings)
             if await self._connect_and_start():
                 self._started = True
                 self.metrics.ready.set(1)
-                log.info("worker_consuming", broker=self.settings.broker.masked_url)
+                log.info(
+                    "worker_consuming",
+                    broker=self.settings.broker.masked_url,
+                    endpoints_total=len(self.settings.endpoints),
+                )
                 freeze_heap()
                 while not self._stopping:
                     await self._wake.wait()
                     self._wake.clear()
                     if self._reload_requested and not self._stopping:
                         self._reload_requested = False
+                        self._registry_changed = False
                         await self.reload()
+                    elif self._registry_changed and not self._stopping:
+                        self._registry_changed = False
+                        await self.apply(self._file_settings, source="registry")
         finally:
+            if self.registry is not None:
+                await self.registry.close()
             await self._shutdown()
             await self.health.stop()
 
@@ -271,6 +313,20 @@ class Worker:
         except ConfigError as exc:
             log.error("config_reload_rejected", error=str(exc), kept="previous config")
             return
+        await self.apply(loaded, source="config")
+
+    def _with_registry(self, file_settings: Settings) -> Settings:
+        """The file's settings with the registry's endpoints added (a name the file uses
+        stays the file's: the API refuses it, but a row written otherwise is ignored)."""
+        if self.registry is None:
+            return file_settings
+        taken = {endpoint.name for endpoint in file_settings.endpoints}
+        extra = [endpoint for endpoint in self.registry.endpoints if endpoint.name not in taken]
+        return file_settings.model_copy(update={"endpoints": (*file_settings.endpoints, *extra)})
+
+    async def apply(self, file_settings: Settings, *, source: str) -> None:
+        """Apply new settings (from the file, or the registry's endpoints changing)."""
+        loaded = self._with_registry(file_settings)
         plan = plan_reload(self.settings, loaded)
         if plan.needs_restart:
             log.warning("config_reload_needs_restart", sections=list(plan.needs_restart))
@@ -281,6 +337,9 @@ class Worker:
         # would they if an earlier reload's refreeze ran in the middle of this one).
         self._cancel_refreeze()
         gc.unfreeze()
+        self._file_settings = plan.settings.model_copy(
+            update={"endpoints": file_settings.endpoints}
+        )
         self.settings = plan.settings
         if schedule_changed:
             await self._stop_recording_tiers()
@@ -292,9 +351,10 @@ class Worker:
         self._refreeze_when_settled(self._endpoints)
         log.info(
             "config_reloaded",
-            added=list(plan.added),
-            removed=list(plan.removed),
-            changed=list(plan.changed),
+            source=source,
+            added=list(plan.added[:LOGGED_ENDPOINTS]),
+            removed=list(plan.removed[:LOGGED_ENDPOINTS]),
+            changed=list(plan.changed[:LOGGED_ENDPOINTS]),
             unchanged=len(plan.unchanged),
             failed=failed,
         )
@@ -324,6 +384,7 @@ class Worker:
     def _refreeze_when_settled(self, endpoints: EndpointSet) -> None:
         async def refreeze() -> None:
             await endpoints.settled()
+            await asyncio.sleep(REFREEZE_QUIET_S)  # a later change cancels this one
             freeze_heap()
 
         self._refreezing = asyncio.create_task(refreeze(), name="refreeze-heap")

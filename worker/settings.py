@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
+    ConfigDict,
     Field,
     FilePath,
     PrivateAttr,
@@ -35,10 +36,21 @@ from producer.settings import (
     format_validation_error,
     read_config_file,
 )
+from worker.filters import Filter, parse_filter
 from worker.netguard import is_numeric_host
 from worker.signing import SigningKey
 
 ENDPOINT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+# Tenants are opaque labels chosen by the sender (a customer id, an account slug): printable
+# ASCII without spaces, so they fit in a URL query, a log line and a Prometheus label.
+TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
+MAX_DESCRIPTION_CHARS = 1000
+# Bounds on what one endpoint may hold: every pattern is a broker binding, every header
+# goes out with every request.
+MAX_PATTERNS = 100
+MAX_HEADERS = 50
+MAX_HEADER_VALUE_CHARS = 4096
+MAX_URL_CHARS = 2048
 PATTERN_WORD_RE = re.compile(r"^(\*|#|[A-Za-z0-9_-]+)$")
 # What a host name may be made of once yarl has normalised it (lower case, IDNA as
 # punycode): anything else (spaces, underscores, NUL, '%', ...) means that the resolver,
@@ -187,10 +199,63 @@ class OperationalEventsSettings(Model):
     enabled: bool = True
 
 
+class RegistrySettings(Model):
+    """Endpoints kept in PostgreSQL and managed through the API (``python -m api``)."""
+
+    # postgresql:// URL; HOOKLINE_DATABASE_URL overrides it. Without it, endpoints come
+    # from this file only.
+    database_url: SecretStr | None = None
+    # Encrypts endpoint secrets at rest: base64 of 32 random bytes, or several separated by
+    # commas (the first encrypts, every one decrypts: how the key is rotated).
+    # HOOKLINE_SECRET_KEY overrides it; keep it in the environment, not in this file.
+    secret_key: SecretStr | None = None
+    max_endpoints_per_tenant: int = Field(default=1000, ge=1, le=1_000_000)
+    # What a tenant key may subscribe to. "prefixed": only event types whose first word is
+    # its tenant (acme.order.created for tenant acme), so that one tenant's endpoints never
+    # receive another's events. "any": every type, for tenants that are teams of one
+    # organisation rather than customers. Admin keys may subscribe to anything.
+    tenant_events: Literal["prefixed", "any"] = "prefixed"
+    # Workers re-read every endpoint this often, whatever notifications they had.
+    reconcile_s: PositiveSeconds = 30.0
+    # Where a worker keeps the last endpoint set it read (secrets still encrypted), to
+    # start with it while the database is down.
+    snapshot_path: Path | None = None
+    connect_timeout_s: PositiveSeconds = 5.0
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parts = urlsplit(value.get_secret_value())
+            if parts.scheme not in ("postgresql", "postgres") or not (
+                parts.hostname or "host=" in parts.query
+            ):
+                raise ValueError("must be a postgresql:// URL with a host")
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return self.database_url is not None
+
+
+class ApiSection(Model):
+    """The control plane's HTTP server (``python -m api``)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    max_body_bytes: int = Field(default=65_536, ge=1024, le=16_777_216)
+
+
 class EndpointSettings(Model):
     name: str
     url: str
     events: tuple[str, ...] = Field(min_length=1)
+    tenant: str | None = None
+    description: str | None = Field(default=None, max_length=MAX_DESCRIPTION_CHARS)
+    # Events whose envelope does not match are acknowledged without a request.
+    filter: Filter | None = None
+    # Paused: events still queue up, nothing is attempted until it is resumed.
+    paused: bool = False
     secret: SecretStr | tuple[SecretStr, ...] | None = None
     secret_env: str | tuple[str, ...] | None = None
     timeout_s: AttemptSeconds | None = None
@@ -202,6 +267,31 @@ class EndpointSettings(Model):
 
     _signing_keys: tuple[SigningKey, ...] = PrivateAttr(default=())
 
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    @field_validator("filter", mode="before")
+    @classmethod
+    def _compile_filter(cls, value: object) -> object:
+        if value is None or isinstance(value, Filter):
+            return value
+        return parse_filter(value)
+
+    @field_validator("tenant")
+    @classmethod
+    def _check_tenant(cls, tenant: str | None) -> str | None:
+        if tenant is not None and not TENANT_RE.fullmatch(tenant):
+            raise ValueError("must be 1-128 of [A-Za-z0-9_.:@-], starting with a letter or digit")
+        return tenant
+
+    @field_validator("description")
+    @classmethod
+    def _check_description(cls, description: str | None) -> str | None:
+        if description is not None:
+            if any(ord(char) < 32 and char not in "\n\t" for char in description):
+                raise ValueError("must not contain control characters")
+            _check_unicode(description)
+        return description
+
     @field_validator("name")
     @classmethod
     def _check_name(cls, name: str) -> str:
@@ -212,6 +302,12 @@ class EndpointSettings(Model):
     @field_validator("url")
     @classmethod
     def _check_url(cls, url: str) -> str:
+        if len(url) > MAX_URL_CHARS:
+            raise ValueError(f"must be at most {MAX_URL_CHARS} characters")
+        if any(char.isspace() or ord(char) < 32 or ord(char) == 127 for char in url):
+            # yarl drops some of these before dialling: what is stored must be what is dialled.
+            raise ValueError("must not contain whitespace or control characters")
+        _check_unicode(url)
         # The same parser and normalisation as the request: yarl, as aiohttp uses it.
         try:
             written = URL(url, encoded=True)
@@ -244,6 +340,8 @@ class EndpointSettings(Model):
     @field_validator("events")
     @classmethod
     def _check_patterns(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
+        if len(patterns) > MAX_PATTERNS:
+            raise ValueError(f"at most {MAX_PATTERNS} patterns")
         for pattern in patterns:
             if len(pattern) > 255 or not all(
                 PATTERN_WORD_RE.fullmatch(word) for word in pattern.split(".")
@@ -256,13 +354,22 @@ class EndpointSettings(Model):
     @field_validator("headers")
     @classmethod
     def _check_headers(cls, headers: dict[str, str]) -> dict[str, str]:
+        if len(headers) > MAX_HEADERS:
+            raise ValueError(f"at most {MAX_HEADERS} headers")
         for name, value in headers.items():
             if not HEADER_NAME_RE.fullmatch(name):
-                raise ValueError(f"{name!r} is not a valid header name")
+                raise ValueError(f"{name[:80]!r} is not a valid header name")
             if name.lower() in RESERVED_HEADERS:
                 raise ValueError(f"{name!r} is set by Hookline and cannot be overridden")
             if "\r" in value or "\n" in value:
                 raise ValueError(f"the value of {name!r} contains a line break")
+            if any((ord(char) < 32 and char != "\t") or ord(char) == 127 for char in value):
+                raise ValueError(f"the value of {name!r} contains a control character")
+            if len(value) > MAX_HEADER_VALUE_CHARS:
+                raise ValueError(
+                    f"the value of {name!r} is longer than {MAX_HEADER_VALUE_CHARS} characters"
+                )
+            _check_unicode(value)
         return headers
 
     @model_validator(mode="after")
@@ -297,15 +404,28 @@ class EndpointSettings(Model):
     @property
     def display_url(self) -> str:
         """The URL fit for output: query values (which may hold tokens) masked."""
-        url = self.request_url
-        if not url.query_string:
-            return str(url)
-        return str(url.with_query([(key, "****") for key, _ in url.query.items()]))
+        return display_url(self.url)
 
     @property
     def host(self) -> str:
         """The host aiohttp dials: ASCII (punycode), an IPv6 literal without brackets."""
         return self.request_url.raw_host or ""
+
+
+def display_url(written: str) -> str:
+    """An endpoint URL fit for output: query values (which may hold tokens) masked."""
+    url = URL(written)
+    if not url.query_string:
+        return str(url)
+    return str(url.with_query([(key, "****") for key, _ in url.query.items()]))
+
+
+def _check_unicode(text: str) -> None:
+    """Refuses what no database column or HTTP request can carry: lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("is not valid Unicode (a lone surrogate)") from None
 
 
 def _host_problem(written: str, host: str) -> str | None:
@@ -360,34 +480,47 @@ class Settings(Model):
     security: SecuritySettings = SecuritySettings()
     circuit_breaker: CircuitBreakerSettings = CircuitBreakerSettings()
     operational_events: OperationalEventsSettings = OperationalEventsSettings()
-    endpoints: tuple[EndpointSettings, ...]
+    registry: RegistrySettings = RegistrySettings()
+    api: ApiSection = ApiSection()
+    endpoints: tuple[EndpointSettings, ...] = ()
 
     @model_validator(mode="after")
     def _check_endpoints(self) -> Settings:
         # Here rather than as min_length: this runs only once every endpoint is valid, so a
         # bad endpoint is not reported a second time as "no endpoints".
-        if not self.endpoints:
-            raise field_problem("endpoints", "needs at least one endpoint")
+        if not self.endpoints and not self.registry.enabled:
+            raise field_problem(
+                "endpoints", "needs at least one endpoint (or registry.database_url)"
+            )
         seen: set[str] = set()
         for index, endpoint in enumerate(self.endpoints):
             if endpoint.name in seen:
                 raise field_problem(f"endpoints[{index}].name", f"{endpoint.name!r} is used twice")
             seen.add(endpoint.name)
-            if self.security.require_https and endpoint.request_url.scheme != "https":
-                raise field_problem(
-                    f"endpoints[{index}].url",
-                    "http:// URLs are refused while security.require_https is true",
-                )
-            rate = endpoint.rate_limit_per_s
-            if rate is not None and 1 / rate + self.timeout_for(endpoint) > MAX_UNACKED_S:
-                raise field_problem(
-                    f"endpoints[{index}].rate_limit_per_s",
+            for field, problem in self.endpoint_problems(endpoint):
+                raise field_problem(f"endpoints[{index}].{field}", problem)
+        return self
+
+    def endpoint_problems(self, endpoint: EndpointSettings) -> list[tuple[str, str]]:
+        """What these settings refuse in an endpoint that is valid on its own: the same
+        checks for the config file and for the API (``(field, message)`` pairs)."""
+        problems = []
+        if self.security.require_https and endpoint.request_url.scheme != "https":
+            problems.append(
+                ("url", "http:// URLs are refused while security.require_https is true")
+            )
+        rate = endpoint.rate_limit_per_s
+        if rate is not None and 1 / rate + self.timeout_for(endpoint) > MAX_UNACKED_S:
+            problems.append(
+                (
+                    "rate_limit_per_s",
                     "the wait for a rate-limit token (1 / rate_limit_per_s) plus timeout_s must "
                     f"not exceed {MAX_UNACKED_S:g} seconds: the message is unacknowledged all "
                     "that time, and RabbitMQ closes the channel of a consumer that holds one "
                     "longer than its consumer_timeout (30 minutes by default)",
                 )
-        return self
+            )
+        return problems
 
     def endpoint(self, name: str) -> EndpointSettings:
         for endpoint in self.endpoints:

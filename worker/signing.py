@@ -6,10 +6,12 @@ import base64
 import binascii
 import hashlib
 import hmac
+import secrets
 from collections.abc import Sequence
 
 SECRET_PREFIX = "whsec_"  # noqa: S105 - the format prefix, not a secret
 MIN_KEY_BYTES = 24
+GENERATED_KEY_BYTES = 32
 
 
 class SigningKey:
@@ -52,6 +54,11 @@ class SigningKey:
         return "SigningKey(****)"
 
     __str__ = __repr__
+
+
+def generate_secret() -> str:
+    """A new endpoint secret, ``whsec_`` and base64 of 32 random bytes (as Svix makes them)."""
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(GENERATED_KEY_BYTES)).decode()
 
 
 def signature_header(keys: Sequence[SigningKey], event_id: str, timestamp: int, body: bytes) -> str:

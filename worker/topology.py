@@ -628,40 +628,38 @@ async def unbind_patterns(queue: AbstractQueue, exchange: str, patterns: Iterabl
         await queue.unbind(exchange, routing_key=pattern)
 
 
-async def inspect_queue(connection: AbstractConnection, name: str) -> tuple[int, int] | None:
-    """(messages ready, consumers) of an existing queue, or None if there is none.
+async def _plain_channel(connection: AbstractConnection) -> aiormq.abc.AbstractChannel:
+    """A channel the robust layer does not know of. A passive declare of a missing queue
+    closes its channel; a robust one would reopen itself and, looking open, stay behind
+    after every such call."""
+    transport = connection.transport
+    if transport is None:
+        raise RuntimeError("the broker connection is not open")
+    return await transport.connection.channel()
 
-    Asked on a channel of its own: a passive declare of a missing queue closes its channel.
-    """
-    channel = await connection.channel()
-    try:
-        queue = await channel.declare_queue(name, passive=True)
-    except aiormq.exceptions.ChannelNotFoundEntity:
-        return None
-    finally:
-        if not channel.is_closed:
-            await channel.close()
-    result = queue.declaration_result
-    return int(result.message_count or 0), int(result.consumer_count or 0)
+
+async def inspect_queue(connection: AbstractConnection, name: str) -> tuple[int, int] | None:
+    """(messages ready, consumers) of an existing queue, or None if there is none."""
+    return (await inspect_queues(connection, [name]))[name]
 
 
 async def inspect_queues(
     connection: AbstractConnection, names: Iterable[str]
 ) -> dict[str, tuple[int, int] | None]:
-    """:func:`inspect_queue` for several queues, on one channel while they exist."""
+    """(messages ready, consumers) of each queue that exists (None for one that does
+    not), on one channel while they exist."""
     found: dict[str, tuple[int, int] | None] = {}
-    channel: AbstractChannel | None = None
+    channel: aiormq.abc.AbstractChannel | None = None
     try:
         for name in names:
             if channel is None or channel.is_closed:
-                channel = await connection.channel()
+                channel = await _plain_channel(connection)
             try:
-                queue = await channel.declare_queue(name, passive=True)
+                declared = await channel.queue_declare(name, passive=True)
             except aiormq.exceptions.ChannelNotFoundEntity:
                 found[name] = None  # and the broker closed the channel
                 continue
-            result = queue.declaration_result
-            found[name] = int(result.message_count or 0), int(result.consumer_count or 0)
+            found[name] = int(declared.message_count or 0), int(declared.consumer_count or 0)
     finally:
         if channel is not None and not channel.is_closed:
             await channel.close()
