@@ -21,10 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import asyncpg
 import pytest
 import yaml
-from aiohttp import web
+from aiohttp import ClientSession, web
+from multidict import CIMultiDict
 
+from api import store as api_store
+from api.metrics import ApiMetrics
+from api.migrate import migrate
+from api.server import ApiServer
 from producer import EventSpec, Publisher
 from producer.exchange import declare_exchange
 from tests.faults import BrokerControl, TcpProxy
@@ -32,9 +38,20 @@ from worker.metrics import Metrics
 from worker.retry import delay_tiers
 from worker.service import Worker
 from worker.settings import Settings, settings_from_document
-from worker.topology import declare_all, exchange_names, legacy_delay_queue, queue_names
+from worker.topology import (
+    declare_all,
+    endpoint_queue,
+    exchange_names,
+    legacy_delay_queue,
+    queue_names,
+)
 
 AMQP_URL = os.environ.get("HOOKLINE_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
+DATABASE_URL = os.environ.get(
+    "HOOKLINE_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+# HOOKLINE_SECRET_KEY for tests: any 32 bytes.
+SECRET_KEY = base64.b64encode(b"k" * 32).decode()
 SECRET_A = "whsec_" + base64.b64encode(b"a" * 32).decode()
 SECRET_B = "whsec_" + base64.b64encode(b"b" * 32).decode()
 
@@ -454,6 +471,129 @@ async def publish_events(exchange: str, count: int, event_type: str, prefix: str
         return await publisher.publish_many(
             EventSpec(event_type, {"n": n}, id=f"{prefix}-{n}") for n in range(count)
         )
+
+
+@pytest.fixture
+async def registry_db() -> AsyncIterator[str]:
+    """A PostgreSQL schema of the test's own in the test database, migrated; the URL it
+    yields selects it (``?search_path=``). Dropped afterwards."""
+    schema = f"hl_test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(DATABASE_URL)
+    try:
+        await admin.execute(f'CREATE SCHEMA "{schema}"')
+        url = f"{DATABASE_URL}?search_path={schema}"
+        connection = await asyncpg.connect(url)
+        try:
+            await migrate(connection)
+        finally:
+            await connection.close()
+        yield url
+    finally:
+        await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await admin.close()
+
+
+def registry_sections(database_url: str, **registry: Any) -> dict[str, Any]:
+    """The config sections that turn the registry on (for make_settings/make_document)."""
+    return {
+        "registry": {
+            "database_url": database_url,
+            "secret_key": SECRET_KEY,
+            "reconcile_s": 30,
+            **registry,
+        },
+        "api": {"host": "127.0.0.1", "port": 0},
+    }
+
+
+@dataclass
+class ApiAnswer:
+    status: int
+    body: Any
+    headers: CIMultiDict[str]
+
+
+class ApiClient:
+    """A running API server (real PostgreSQL, real RabbitMQ) and an admin key."""
+
+    def __init__(self, server: ApiServer, admin_key: str, database_url: str) -> None:
+        self.server = server
+        self.admin_key = admin_key
+        self.database_url = database_url
+        self.base_url = f"http://127.0.0.1:{server.port}"
+        self.session = ClientSession()
+        self.created: set[str] = set()
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        key: str | None = "admin",
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> ApiAnswer:
+        sent = dict(headers or {})
+        if key is not None:
+            sent["Authorization"] = f"Bearer {self.admin_key if key == 'admin' else key}"
+        data = raw
+        if body is not None:
+            data = json.dumps(body).encode()
+            sent.setdefault("Content-Type", "application/json")
+        async with self.session.request(
+            method, self.base_url + path, data=data, headers=sent
+        ) as response:
+            text = await response.read()
+            parsed = json.loads(text) if response.content_type == "application/json" else text
+            answer = ApiAnswer(response.status, parsed, CIMultiDict(response.headers))
+        if method == "POST" and path == "/v1/endpoints" and answer.status == 201:
+            self.created.add(answer.body["name"])
+        return answer
+
+    async def create_key(self, *, tenant: str | None = None, admin: bool = False) -> str:
+        connection = await asyncpg.connect(self.database_url)
+        try:
+            key = await api_store.create_key(
+                connection, admin=admin, tenant=tenant, description="test"
+            )
+        finally:
+            await connection.close()
+        return key.token
+
+
+@pytest.fixture
+async def api_client(
+    registry_db: str, exchange_name: str, broker: Broker
+) -> AsyncIterator[ApiClient]:
+    """The API on a free loopback port, for this test's exchange and schema; the queues of
+    every endpoint it created are deleted afterwards."""
+    settings = make_settings(
+        exchange_name, [], **registry_sections(registry_db), broker={"queue_type": "classic"}
+    )
+    server = ApiServer(settings, ApiMetrics())
+    await server.start()
+    await server.broker_connected()
+    connection = await asyncpg.connect(registry_db)
+    try:
+        admin_key = (
+            await api_store.create_key(connection, admin=True, tenant=None, description="test")
+        ).token
+    finally:
+        await connection.close()
+    client = ApiClient(server, admin_key, registry_db)
+    try:
+        yield client
+    finally:
+        await client.session.close()
+        await server.stop()
+        channel = await broker.channel()
+        try:
+            for name in client.created:
+                await channel.queue_delete(endpoint_queue(exchange_name, name))
+        finally:
+            await channel.close()
+        await broker.delete_all(settings)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

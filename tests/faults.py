@@ -126,15 +126,19 @@ class BrokerControl:
 
 
 class TcpProxy:
-    """A loopback TCP proxy to the broker that a test can cut or silence.
+    """A loopback TCP proxy to the broker (or another ``upstream``) that a test can cut,
+    silence or make refuse connections.
 
     ``cut()`` aborts every connection (an RST, no AMQP close); ``freeze()`` keeps the
     sockets open but stops forwarding, like a peer that vanished without a word, which only
     heartbeats detect. New connections always go through.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, upstream: tuple[str, int] = (BROKER_HOST, BROKER_PORT)) -> None:
         self.port = 0
+        self._upstream = upstream
+        # While set, new connections are closed at once: a server that is down.
+        self.refusing = False
         self._server: asyncio.Server | None = None
         self._links: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter, asyncio.Event]] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -148,7 +152,10 @@ class TcpProxy:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections_seen += 1
-        upstream_reader, upstream_writer = await asyncio.open_connection(BROKER_HOST, BROKER_PORT)
+        if self.refusing:
+            writer.transport.abort()
+            return
+        upstream_reader, upstream_writer = await asyncio.open_connection(*self._upstream)
         flowing = asyncio.Event()
         flowing.set()
         self._links.append((writer, upstream_writer, flowing))

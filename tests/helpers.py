@@ -22,6 +22,8 @@ from hypothesis import strategies as st
 from pamqp import body as pamqp_body
 from pamqp import commands, encode, exceptions, frame, header
 
+from producer import headers
+from producer.envelope import build_body
 from producer.headers import ATTEMPTS
 from tests.conftest import (
     Broker,
@@ -290,6 +292,28 @@ async def put_raw_dead_letter(
         ),
         dead_letter_queue(exchange),
     )
+
+
+async def dead_letter_event(
+    broker: Broker, exchange: str, endpoint: str, event_id: str, event_type: str = "order.created"
+) -> None:
+    """An event of ``endpoint`` in the dead-letter queue, dead-lettered now after its
+    attempts ran out, as a worker would leave it."""
+    channel = await broker.channel()
+    try:
+        _, body = build_body(event_type, {"id": event_id}, event_id=event_id)
+        await put_raw_dead_letter(
+            channel,
+            exchange,
+            body,
+            {
+                headers.ENDPOINT: endpoint,
+                headers.REASON: "max_attempts",
+                headers.DEAD_LETTERED_AT: datetime.now(UTC).isoformat(),
+            },
+        )
+    finally:
+        await channel.close()
 
 
 class RecordingResolver(AbstractResolver):
