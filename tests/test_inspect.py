@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 from tests.conftest import (
@@ -28,11 +31,15 @@ from tests.helpers import (
     put_raw_dead_letter,
     strand_in_earlier_tier,
 )
+from worker.cli_args import tenant as tenant_argument
 from worker.exceptions import ManagementUnavailable
-from worker.inspect import worker_circuits
+from worker.inspect import run_status, worker_circuits
 from worker.nodes import LOW_FILE_LIMIT, NodeFiles, read_nodes
 from worker.settings import settings_from_document
 from worker.topology import dead_letter_queue
+
+# The worker's log lines (structlog's console format): "2026-11-28 10:00:00 [info  ] ..."
+LOG_LINE_RE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[")
 
 
 async def status(config: Path, *extra: str) -> tuple[int, str]:
@@ -86,7 +93,109 @@ async def test_status_reports_each_endpoint_from_broker_and_workers(
     code, out = await status(config, "--worker", f"http://127.0.0.1:{worker.health.port}")
     assert code == 0
     assert "gone" in out and "open 1/1" in out and "no_retry_status 2" in out
+    assert "tenant" not in out  # no endpoint has one: no column for it
     await broker.wait_depth(dead_letter_queue(exchange_name), 2)
+
+
+def tenants_document(exchange_name: str, receiver: Receiver) -> dict[str, Any]:
+    """Two endpoints of tenant acme (one paused), one of globex, one without a tenant; the
+    circuit opens at the first failure."""
+    receiver.script("/down", 503)
+    return make_document(
+        exchange_name,
+        [
+            endpoint("acme-down", receiver.url("/down"), ["down.#"], tenant="acme"),
+            endpoint("acme-idle", receiver.url("/idle"), ["idle.#"], tenant="acme", paused=True),
+            endpoint("globex-down", receiver.url("/down"), ["down.#"], tenant="globex"),
+            endpoint("plain", receiver.url("/plain"), ["plain.#"]),
+        ],
+        circuit_breaker={"enabled": True, "failure_threshold": 1, "cooldown_s": 60},
+        retry={"delays_s": [60]},
+    )
+
+
+async def test_status_shows_one_tenants_endpoints(
+    tmp_path: Path,
+    exchange_name: str,
+    receiver: Receiver,
+    run_worker: RunWorker,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """With a tenant, status lists that tenant's endpoints only, with their circuits from
+    the worker, a tenant column and "paused" before a paused endpoint's circuit; without
+    one, every endpoint, and the tenant column as soon as one has a tenant."""
+    document = tenants_document(exchange_name, receiver)
+    settings = settings_from_document(document, write_config(tmp_path, document), {})
+    worker = await run_worker(settings)
+    await publish_events(exchange_name, 1, "down.event", "down")
+
+    async def circuits_open() -> bool:
+        listed = {e["name"]: e["circuit"] for e in worker.status()["endpoints"]}
+        return bool(listed["acme-down"] == listed["globex-down"] == "open")
+
+    await eventually(circuits_open)
+    url = f"http://127.0.0.1:{worker.health.port}"
+
+    async def run(*, tenant: str | None, as_json: bool) -> str:
+        args = argparse.Namespace(
+            worker=[url], scan_limit=10_000, management_url=None, json=as_json, tenant=tenant
+        )
+        capsys.readouterr()
+        assert await run_status(settings, args) == 0
+        # Without the worker's log lines, which share this process's stdout.
+        return "\n".join(
+            line for line in capsys.readouterr().out.splitlines() if not LOG_LINE_RE.match(line)
+        )
+
+    report = json.loads(await run(tenant="acme", as_json=True))
+    assert report["tenant"] == "acme"
+    assert [(e["name"], e["tenant"], e["paused"], e["circuit"]) for e in report["endpoints"]] == [
+        ("acme-down", "acme", False, "open 1/1"),
+        ("acme-idle", "acme", True, "closed"),
+    ]
+
+    out = await run(tenant="acme", as_json=False)
+    assert "endpoints of tenant acme" in out and "across all tenants" in out
+    assert "tenant" in header(out)
+    assert "paused, closed" in out and "open 1/1" in out
+    assert "globex" not in out and "plain" not in out
+
+    out = await run(tenant=None, as_json=False)
+    assert "globex-down" in out and "plain" in out and "tenant" in header(out)
+    out = await run(tenant="initech", as_json=False)
+    assert "no endpoint has tenant initech" in out and "acme" not in out
+
+
+def header(table: str) -> str:
+    """The status table's row of column names."""
+    return next(line for line in table.splitlines() if "queued" in line)
+
+
+async def test_status_command_takes_a_tenant(
+    tmp_path: Path, exchange_name: str, receiver: Receiver, broker: Broker
+) -> None:
+    """python -m worker status --tenant T lists T's endpoints only; a value no tenant could
+    be is refused with exit 2, before anything is read."""
+    document = tenants_document(exchange_name, receiver)
+    config = write_config(tmp_path, document)
+    try:
+        code, out = await status(
+            config, "--json", "--worker", "http://127.0.0.1:9", "--tenant", "acme"
+        )
+        assert code == 0, out
+        assert [e["name"] for e in json.loads(out)["endpoints"]] == ["acme-down", "acme-idle"]
+        code, out = await status(config, "--tenant", "a b")
+        assert code == 2 and "--tenant: must be 1-128" in out
+    finally:
+        await broker.delete_all(settings_from_document(document, config, {}))
+
+
+def test_tenant_argument_is_a_tenant_label() -> None:
+    """--tenant takes what an endpoint's tenant may be, and nothing else."""
+    assert tenant_argument("Acme_1.eu:prod@x-y") == "Acme_1.eu:prod@x-y"
+    for bad in ("", "-acme", "a b", "a/b", "a" * 129, "acme\n"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            tenant_argument(bad)
 
 
 async def test_status_without_reachable_workers_says_circuit_unknown(
@@ -149,10 +258,13 @@ async def test_status_shows_delay_tiers_of_an_earlier_schedule(
 async def test_circuits_of_endpoints_a_worker_does_not_list() -> None:
     """A worker that lists every endpoint it runs does not run the others: they get no
     state from it. One over its 1,000-entry cap has them closed, unless it counts more
-    circuits not closed than it listed: then they are unknown."""
+    circuits not closed than it listed: then they are unknown. With a tenant, the worker is
+    asked for that tenant's endpoints."""
     documents: list[dict[str, Any]] = []
+    queries: list[dict[str, str]] = []
 
-    async def status_json(_: web.Request) -> web.Response:
+    async def status_json(request: web.Request) -> web.Response:
+        queries.append(dict(request.query))
         return web.json_response(documents[-1])
 
     app = web.Application()
@@ -174,6 +286,9 @@ async def test_circuits_of_endpoints_a_worker_does_not_list() -> None:
                 {"endpoints": open_a, "endpoints_total": total, "circuits_not_closed": not_closed}
             )
             assert await worker_circuits(url, ["a", "b"]) == expected
+        assert queries == [{}, {}, {}]
+        assert await worker_circuits(url, ["a", "b"], "acme:eu") == {"a": "open", "b": "unknown"}
+        assert queries[-1] == {"tenant": "acme:eu"}
     finally:
         await runner.cleanup()
 

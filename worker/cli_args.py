@@ -1,4 +1,5 @@
-"""Argument types and filters shared by the operator commands (``dlq``, ``unrouted``)."""
+"""Argument types and filters shared by the operator commands (``dlq``, ``unrouted``,
+``status``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import argparse
 import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+from worker.settings import TENANT_RE
 
 DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
 DURATION_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -47,6 +50,21 @@ def rate(text: str) -> float:
             "must be a positive rate with its unit, such as 20/s or 600/m"
         )
     return float(match.group(1)) / RATE_UNITS_S[match.group(2)]
+
+
+def tenant(text: str) -> str:
+    """A tenant label, as endpoints carry it (``tenant:`` in the config or the API)."""
+    if not TENANT_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            "must be 1-128 of [A-Za-z0-9_.:@-], starting with a letter or digit"
+        )
+    return text
+
+
+def add_tenant_filter(parser: Any) -> None:
+    parser.add_argument(
+        "--tenant", type=tenant, metavar="TENANT", help="only this tenant's endpoints"
+    )
 
 
 def add_type_filter(parser: Any) -> None:

@@ -8,6 +8,11 @@ memory, so they are read from the workers' ``/status.json`` (``--worker URL``, b
 this host's metrics port) and shown per worker count. A worker lists at most 1,000
 endpoints there, those needing attention first (see :func:`worker_circuits` for the ones it
 does not list).
+
+``--tenant T`` keeps only the endpoints of tenant ``T``, both among the settings' endpoints
+and among those the workers list (they are asked for ``/status.json?tenant=T``, so their
+cap applies to that tenant's endpoints alone). Dead letters and retry tiers are shared by
+every tenant: their totals stay the exchange's.
 """
 
 from __future__ import annotations
@@ -45,8 +50,15 @@ class EndpointReport:
     name: str
     queued: int | None
     consumers: int | None
+    tenant: str | None = None
+    paused: bool = False  # as the settings say (the config, and the registry if any)
     dead_letters: dict[str, int] = field(default_factory=dict)
     circuits: dict[str, int] = field(default_factory=dict)  # state -> workers in it
+
+    @property
+    def state(self) -> str:
+        """The circuit, after "paused" when the endpoint is."""
+        return f"paused, {self.circuit}" if self.paused else self.circuit
 
     @property
     def circuit(self) -> str:
@@ -75,11 +87,18 @@ class StatusReport:
 
 
 async def gather(
-    settings: Settings, worker_urls: list[str], scan_limit: int, management_url: str | None = None
+    settings: Settings,
+    worker_urls: list[str],
+    scan_limit: int,
+    management_url: str | None = None,
+    tenant: str | None = None,
 ) -> StatusReport:
-    """Every endpoint's report, the retry tiers, and how many dead letters were read of
-    how many."""
+    """Every endpoint's report (only ``tenant``'s, if given), the retry tiers, and how many
+    dead letters were read of how many."""
     exchange = settings.broker.exchange
+    endpoints = [
+        endpoint for endpoint in settings.endpoints if tenant is None or endpoint.tenant == tenant
+    ]
     connection = await connect(settings.broker, f"hookline-status {exchange}")
     try:
         configured = set(delay_tiers(settings.retry))
@@ -88,7 +107,7 @@ async def gather(
             connection,
             [
                 *(delay_queue(exchange, delay) for delay in known),
-                *(endpoint_queue(exchange, endpoint.name) for endpoint in settings.endpoints),
+                *(endpoint_queue(exchange, endpoint.name) for endpoint in endpoints),
             ],
         )
     finally:
@@ -99,13 +118,15 @@ async def gather(
         if tier is not None or delay in configured:  # an earlier schedule's, since deleted
             tiers[delay_label(delay)] = tier[0] if tier is not None else None
     reports = []
-    for endpoint in settings.endpoints:
+    for endpoint in endpoints:
         work = found[endpoint_queue(exchange, endpoint.name)]
         reports.append(
             EndpointReport(
                 name=endpoint.name,
                 queued=work[0] if work is not None else None,
                 consumers=work[1] if work is not None else None,
+                tenant=endpoint.tenant,
+                paused=endpoint.paused,
             )
         )
     counts, scanned, total = await dlq.count_by_endpoint_and_reason(settings, scan_limit)
@@ -114,7 +135,9 @@ async def gather(
         if endpoint_name in by_name:
             by_name[endpoint_name].dead_letters[reason] = count
     names = list(by_name)
-    for states in await asyncio.gather(*(worker_circuits(url, names) for url in worker_urls)):
+    for states in await asyncio.gather(
+        *(worker_circuits(url, names, tenant) for url in worker_urls)
+    ):
         for name, state in states.items():
             if name in by_name:
                 circuits = by_name[name].circuits
@@ -128,17 +151,21 @@ async def gather(
     return report
 
 
-async def worker_circuits(url: str, names: list[str]) -> dict[str, str]:
+async def worker_circuits(url: str, names: list[str], tenant: str | None = None) -> dict[str, str]:
     """endpoint -> circuit state from one worker; empty if it does not answer. A worker
     lists the endpoints needing attention first, and at most a bounded number. If it listed
     all it runs, the others are not its own and get no state; if it hit its cap, one of
     ``names`` it does not list is closed there (unknown if it counts more circuits not
-    closed than it listed)."""
+    closed than it listed). With ``tenant``, the worker is asked for that tenant's
+    endpoints only, and its counts are of those."""
     timeout = aiohttp.ClientTimeout(total=WORKER_TIMEOUT_S)
     try:
         async with (
             aiohttp.ClientSession(timeout=timeout) as session,
-            session.get(url.rstrip("/") + "/status.json") as response,
+            session.get(
+                url.rstrip("/") + "/status.json",
+                params={"tenant": tenant} if tenant is not None else None,
+            ) as response,
         ):
             document = await response.json()
         listed = {e["name"]: e["circuit"] for e in document["endpoints"]}
@@ -161,10 +188,12 @@ def default_worker_urls(settings: Settings) -> list[str]:
 
 async def run_status(settings: Settings, args: argparse.Namespace) -> int:
     urls = args.worker if args.worker is not None else default_worker_urls(settings)
-    report = await gather(settings, urls, args.scan_limit, args.management_url)
+    tenant: str | None = getattr(args, "tenant", None)
+    report = await gather(settings, urls, args.scan_limit, args.management_url, tenant)
     if args.json:
         document: dict[str, Any] = {
             "exchange": settings.broker.exchange,
+            "tenant": tenant,
             "dead_letters_read": report.dead_letters_read,
             "dead_letters_total": report.dead_letters_total,
             "retry_tiers": report.retry_tiers,
@@ -182,7 +211,7 @@ async def run_status(settings: Settings, args: argparse.Namespace) -> int:
         print(terminal_json(document, indent=2))
         return 0
     console = Console(width=max(100, Console().width))
-    console.print(render(report, urls))
+    console.print(render(report, urls, tenant))
     for line in node_lines(report):
         console.print(_cell(line))
     return 0
@@ -198,16 +227,21 @@ def node_lines(report: StatusReport) -> list[str]:
     return lines
 
 
-def render(report: StatusReport, urls: list[str]) -> Any:
+def render(report: StatusReport, urls: list[str], tenant: str | None = None) -> Any:
     tiers = " ".join(
         f"{label}:{'-' if count is None else count}" for label, count in report.retry_tiers.items()
     )
+    # Dead letters and retry tiers are the exchange's, whichever tenant is shown.
     table = Table(
-        title=f"Hookline endpoints ({report.dead_letters_total} dead letters; "
+        title=f"Hookline endpoints{f' of tenant {_cell(tenant)}' if tenant else ''} "
+        f"({report.dead_letters_total} dead letters"
+        f"{' across all tenants' if tenant else ''}; "
         f"retries waiting {_cell(tiers) or 'none'})",
         title_justify="left",
     )
-    for column in ("endpoint", "queued", "consumers", "circuit", "dead letters"):
+    with_tenant = tenant is not None or any(e.tenant is not None for e in report.endpoints)
+    columns = ["endpoint", *(["tenant"] if with_tenant else []), "queued", "consumers"]
+    for column in (*columns, "circuit", "dead letters"):
         table.add_column(column, justify="right" if column in ("queued", "consumers") else "left")
     for endpoint in report.endpoints:
         dead = ", ".join(
@@ -215,12 +249,15 @@ def render(report: StatusReport, urls: list[str]) -> Any:
         )
         table.add_row(
             _cell(endpoint.name),
+            *([_cell(endpoint.tenant or "-")] if with_tenant else []),
             _number(endpoint.queued),
             _number(endpoint.consumers),
-            _cell(endpoint.circuit),
+            _cell(endpoint.state),
             _cell(dead or "0"),
         )
-    if report.dead_letters_read < report.dead_letters_total:
+    if tenant is not None and not report.endpoints:
+        table.caption = f"no endpoint has tenant {_cell(tenant)}"
+    elif report.dead_letters_read < report.dead_letters_total:
         table.caption = (
             f"dead letters counted over the first {report.dead_letters_read} "
             f"of {report.dead_letters_total}"

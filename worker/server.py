@@ -1,5 +1,5 @@
 """The metrics port: ``/metrics``, ``/healthz``, ``/readyz``, and the read-only status page
-at ``/`` with its data at ``/status.json``."""
+at ``/`` with its data at ``/status.json`` (``?tenant=T``: only that tenant's endpoints)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from worker.exceptions import ListenError
 from worker.metrics import Metrics
+from worker.settings import TENANT_RE
 
 STATUS_PAGE = resources.files("worker").joinpath("status_page.html")
 # The page is self-contained (inline CSS and script): nothing may load from elsewhere.
@@ -30,11 +31,14 @@ class HealthServer:
         is_ready: Callable[[], bool],
         host: str,
         port: int,
-        status: Callable[[], dict[str, Any]] | None = None,
+        status: Callable[[str | None], dict[str, Any]] | None = None,
+        detail: Callable[[], dict[str, Any]] | None = None,
     ):
         self._metrics = metrics
         self._is_ready = is_ready
         self._status = status
+        # What /readyz adds to its answer beside "status".
+        self._detail = detail
         self._host = host
         self._port = port
         self._runner: web.AppRunner | None = None
@@ -77,15 +81,28 @@ class HealthServer:
     async def _readyz(self, _: web.Request) -> web.Response:
         ready = self._is_ready()
         self._metrics.ready.set(1 if ready else 0)
-        return web.json_response(
-            {"status": "ready" if ready else "not ready"}, status=200 if ready else 503
-        )
+        answer: dict[str, Any] = {"status": "ready" if ready else "not ready"}
+        if self._detail is not None:
+            answer = {**self._detail(), **answer}
+        return web.json_response(answer, status=200 if ready else 503)
 
     async def _status_page(self, _: web.Request) -> web.Response:
         return web.Response(
             text=STATUS_PAGE.read_text("utf-8"), content_type="text/html", headers=PAGE_HEADERS
         )
 
-    async def _status_json(self, _: web.Request) -> web.Response:
+    async def _status_json(self, request: web.Request) -> web.Response:
         assert self._status is not None
-        return web.json_response(self._status(), headers={"Cache-Control": "no-store"})
+        tenants = request.query.getall("tenant", [])
+        # An empty value (a cleared form field) asks for every endpoint, as no value does.
+        tenant = tenants[0] if len(tenants) == 1 and tenants[0] else None
+        if len(tenants) > 1 or (tenant is not None and not TENANT_RE.fullmatch(tenant)):
+            return web.json_response(
+                {
+                    "error": "tenant must be one value of 1-128 characters from "
+                    "[A-Za-z0-9_.:@-], starting with a letter or digit"
+                },
+                status=400,
+                headers={"Cache-Control": "no-store"},
+            )
+        return web.json_response(self._status(tenant), headers={"Cache-Control": "no-store"})

@@ -1,12 +1,16 @@
 """The worker's status as JSON, for ``/status.json``, the page at ``/`` and ``worker status``.
 
-Only what is safe on an unauthenticated port: endpoint names and hosts (never full URLs,
-which may carry tokens in their path or query), states, rates and depths.
+Only what is safe on an unauthenticated port: endpoint names, tenants and hosts (never full
+URLs, which may carry tokens in their path or query), states, rates and depths.
 
 It stays small at 10,000 endpoints: totals over every endpoint, then at most
 :data:`MAX_ENDPOINTS_SHOWN` endpoints, those needing attention first (circuit not closed,
 then most failures per second, then largest backlog, then by name). Every endpoint whose
 circuit is not closed is listed as long as there are no more of them than that.
+
+With a tenant (``/status.json?tenant=T``), only that tenant's endpoints count: the cap
+applies to them, and the endpoint totals and rates are theirs. Dead letters, unrouted
+events and retries waiting are the exchange's, shared by every tenant, and stay as they are.
 """
 
 from __future__ import annotations
@@ -35,7 +39,13 @@ def build_status(
     *,
     ready: bool,
     max_shown: int = MAX_ENDPOINTS_SHOWN,
+    tenant: str | None = None,
 ) -> dict[str, Any]:
+    """The status document; ``tenant`` keeps only that tenant's endpoints."""
+    configured = settings.endpoints
+    if tenant is not None:
+        consumers = [consumer for consumer in consumers if consumer.endpoint.tenant == tenant]
+        configured = tuple(endpoint for endpoint in configured if endpoint.tenant == tenant)
     rated = [(consumer, consumer.recent.rates()) for consumer in consumers]
 
     def attention(entry: tuple[EndpointConsumer, RecentRates]) -> tuple[bool, float, int, str]:
@@ -52,14 +62,17 @@ def build_status(
         "version": __version__,
         "exchange": settings.broker.exchange,
         "ready": ready,
+        # The filter this document was built with (None: every endpoint).
+        "tenant": tenant,
         "generated_at": _iso(datetime.now(UTC)),
         "depths_polled_at": (
             _iso(datetime.fromtimestamp(depths.polled_at, UTC)) if depths.polled_at else None
         ),
         "dead_letter": depths.dead_letter,
         "unrouted": depths.unrouted,
-        "endpoints_total": len(settings.endpoints),
+        "endpoints_total": len(configured),
         "endpoints_shown": len(shown),
+        "endpoints_paused": sum(endpoint.paused for endpoint in configured),
         "delivered_per_s": round(sum(rates.delivered_per_s for _, rates in rated), 3),
         "failed_per_s": round(sum(rates.failed_per_s for _, rates in rated), 3),
         "circuits_not_closed": sum(
@@ -77,9 +90,12 @@ def _endpoint(
     endpoint = consumer.endpoint
     return {
         "name": endpoint.name,
+        "tenant": endpoint.tenant,
         # The host as it is dialled (normalised), scheme and port: never path or query.
         "destination": str(endpoint.request_url.origin()),
         "circuit": consumer.circuit_state.label,
+        # Paused: events queue up and nothing is attempted; the circuit keeps its state.
+        "paused": endpoint.paused,
         "in_flight": consumer.in_flight,
         "delivered_per_s": round(rates.delivered_per_s, 3),
         "failed_per_s": round(rates.failed_per_s, 3),
