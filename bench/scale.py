@@ -24,43 +24,45 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
-import platform
-import re
-import resource
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Awaitable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
-from typing import IO, Any, TypeVar
-from urllib.parse import unquote, urlsplit
+from typing import Any
 
-import aio_pika
 import aiohttp
-import yaml
+from aiohttp import web
 
+from bench.common import (
+    AMQP_URL,
+    LogFollower,
+    PhaseFailed,
+    ReceiverProcess,
+    Service,
+    broker_rss_mb,
+    child_environment,
+    delete_all,
+    endpoint_count,
+    environment,
+    logged_at,
+    make_workdir,
+    phase,
+    rabbitmqctl_names,
+    rss_mb,
+    sample_peak,
+    serve_receiver,
+    worker_document,
+    write_config,
+    write_results,
+)
 from bench.receivers import free_port
 from producer import EventSpec, Publisher
 
-try:
-    from yaml import CSafeDumper as Dumper
-except ImportError:  # pragma: no cover - PyYAML without libyaml
-    from yaml import SafeDumper as Dumper  # type: ignore[assignment]
-
-AMQP_URL = os.environ.get("HOOKLINE_BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
-ROOT = Path(__file__).resolve().parent.parent
 SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-MAX_ENDPOINTS = 20_000
-CLEANUP_CHANNELS = 8
-T = TypeVar("T")
 
 # Targets at 10,000 endpoints (one worker, one RabbitMQ node): column -> (limit, text).
 TARGETS: dict[str, tuple[float, str]] = {
@@ -135,204 +137,28 @@ class Row:
         ]
 
 
-class PhaseFailed(Exception):
-    pass
-
-
-async def phase(row: Row, name: str, work: Awaitable[T], timeout_s: float) -> T | None:
-    """Run one phase within ``timeout_s``; on failure record why and return None."""
-    try:
-        return await asyncio.wait_for(work, timeout_s)
-    except TimeoutError:
-        row.failures[name] = f"timeout after {timeout_s:g} s"
-    except Exception as exc:  # noqa: BLE001 - a failed phase is reported, never raised
-        row.failures[name] = f"{exc.__class__.__name__}: {exc}"[:300]
-    print(f"  {name}: FAILED ({row.failures[name]})", flush=True)
-    return None
-
-
-# -- /proc ------------------------------------------------------------------------------
-
-
-def rss_mb(pid: int) -> float | None:
-    """VmRSS of a process in MiB, from /proc; None once it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return None
-
-
-def broker_pid() -> int | None:
-    """The local RabbitMQ node's beam.smp (not ``rabbitmqctl status``: minutes with many
-    queues)."""
-    pgrep = shutil.which("pgrep")
-    if pgrep is None:
-        return None
-    found = subprocess.run(
-        [pgrep, "-u", "rabbitmq", "-f", "beam.smp"], capture_output=True, text=True, check=False
-    )
-    pids = [int(pid) for pid in found.stdout.split()]
-    return max(pids, key=lambda pid: rss_mb(pid) or 0.0) if pids else None
-
-
-def broker_rss_mb() -> float | None:
-    pid = broker_pid()
-    return rss_mb(pid) if pid is not None else None
-
-
-# -- the broker's names -----------------------------------------------------------------
-
-
-def owned(name: str, exchange: str) -> bool:
-    """Whether a queue or exchange belongs to this run's exchange (not to a longer one)."""
-    return name == exchange or name.startswith(exchange + ".")
-
-
-def vhost() -> str:
-    path = urlsplit(AMQP_URL).path
-    return unquote(path[1:]) if len(path) > 1 else "/"
-
-
-async def rabbitmqctl_names(kind: str, exchange: str, timeout_s: float = 300) -> list[str] | None:
-    """Names of the run's queues or exchanges (``kind``) by rabbitmqctl; None if it cannot."""
-    ctl = shutil.which("rabbitmqctl") or shutil.which("rabbitmqctl", path="/usr/sbin:/sbin")
-    if ctl is None:
-        return None
-    process = await asyncio.create_subprocess_exec(
-        ctl,
-        "-q",
-        "-p",
-        vhost(),
-        f"list_{kind}",
-        "name",
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        out, _ = await asyncio.wait_for(process.communicate(), timeout_s)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        return None
-    if process.returncode != 0:
-        return None
-    return [name for name in out.decode().splitlines() if owned(name.strip(), exchange)]
-
-
-def known_names(exchange: str, document: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """Without rabbitmqctl: the names the worker declares, by its own naming functions."""
-    from worker.settings import settings_from_document
-    from worker.topology import exchange_names, queue_names
-
-    settings = settings_from_document(document, Path("scale.yaml"), {})
-    return queue_names(settings), exchange_names(exchange)
-
-
-async def delete_all(exchange: str, document: dict[str, Any]) -> int:
-    """Delete every queue and exchange of the run, concurrently on a few channels; return how
-    many are left (0, or -1 if they could not be listed afterwards)."""
-    queues = await rabbitmqctl_names("queues", exchange)
-    exchanges = await rabbitmqctl_names("exchanges", exchange)
-    if queues is None or exchanges is None:
-        with contextlib.suppress(Exception):
-            queues, exchanges = known_names(exchange, document)
-    queues = sorted(set(queues or []))
-    # The main exchange last: nothing can route into half-deleted topology meanwhile.
-    exchanges = sorted(set(exchanges or []) | {exchange}, key=lambda name: name == exchange)
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        work: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
-        for name in queues:
-            work.put_nowait(("queue", name))
-
-        async def deleter() -> None:
-            channel = await connection.channel()
-            while not work.empty():
-                kind, name = work.get_nowait()
-                for attempt in range(3):
-                    try:
-                        if kind == "queue":
-                            await channel.queue_delete(name, if_unused=False, if_empty=False)
-                        else:
-                            await channel.exchange_delete(name, if_unused=False)
-                        break
-                    except Exception:  # noqa: BLE001 - reopen the channel and retry
-                        if attempt == 2:
-                            print(f"  cleanup: could not delete {kind} {name}", flush=True)
-                        with contextlib.suppress(Exception):
-                            await channel.close()
-                        channel = await connection.channel()
-            with contextlib.suppress(Exception):
-                await channel.close()
-
-        await asyncio.gather(*(deleter() for _ in range(CLEANUP_CHANNELS)))
-        for name in exchanges:
-            work.put_nowait(("exchange", name))
-        await asyncio.gather(*(deleter() for _ in range(2)))
-    left_queues = await rabbitmqctl_names("queues", exchange)
-    left_exchanges = await rabbitmqctl_names("exchanges", exchange)
-    if left_queues is None or left_exchanges is None:
-        return -1
-    return len(left_queues) + len(left_exchanges)
-
-
 # -- the receiver -----------------------------------------------------------------------
 
 
-class ScaleReceiver:
-    """An aiohttp server in a subprocess: POST /e/<i>[/...] counts a delivery to endpoint i
-    (signatures are not verified); GET /stats; POST /reset."""
+class ScaleReceiver(ReceiverProcess):
+    """Counts a delivery to each endpoint (signatures are not verified); GET /stats,
+    POST /reset."""
 
     def __init__(self) -> None:
-        self.port = free_port()
-        self._process: subprocess.Popen[bytes] | None = None
-
-    def url(self, index: int, suffix: str = "") -> str:
-        return f"http://127.0.0.1:{self.port}/e/{index}{suffix}"
-
-    async def start(self, session: aiohttp.ClientSession) -> None:
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "bench.scale", "--serve-receiver", str(self.port)], cwd=ROOT
-        )
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            with contextlib.suppress(aiohttp.ClientError, OSError):
-                await self.stats(session)
-                return
-            await asyncio.sleep(0.05)
-        self.stop()
-        raise RuntimeError("the receiver did not start")
+        super().__init__("bench.scale")
 
     async def stats(self, session: aiohttp.ClientSession) -> dict[str, Any]:
-        async with session.get(f"http://127.0.0.1:{self.port}/stats") as response:
+        async with session.get(f"{self.base}/stats") as response:
             response.raise_for_status()
             result: dict[str, Any] = await response.json()
             return result
 
     async def reset(self, session: aiohttp.ClientSession) -> None:
-        async with session.post(f"http://127.0.0.1:{self.port}/reset") as response:
+        async with session.post(f"{self.base}/reset") as response:
             response.raise_for_status()
 
-    def stop(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
 
-
-async def serve_receiver(port: int) -> None:
-    from aiohttp import web
-
-    with contextlib.suppress(ValueError, OSError):  # one socket per endpoint's pool
-        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+async def serve_counting(port: int) -> None:
     seen: set[int] = set()
     state = {"total": 0, "first_at": 0.0, "last_new_at": 0.0}
 
@@ -356,18 +182,7 @@ async def serve_receiver(port: int) -> None:
         state.update(total=0, first_at=0.0, last_new_at=0.0)
         return web.Response(status=204)
 
-    app = web.Application()
-    app.router.add_post(r"/e/{index:\d+}", hook)
-    app.router.add_post(r"/e/{index:\d+}/{tail:.*}", hook)
-    app.router.add_get("/stats", stats)
-    app.router.add_post("/reset", reset)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    await stop.wait()
-    await runner.cleanup()
+    await serve_receiver(port, hook, [web.get("/stats", stats), web.post("/reset", reset)])
 
 
 # -- the config and the worker ----------------------------------------------------------
@@ -382,12 +197,11 @@ def config_document(
     changed: int | None = None,
 ) -> dict[str, Any]:
     """N endpoints, e<i> subscribed to scale.e<i>; ``changed`` gets another URL path."""
-    return {
-        "broker": {"url": AMQP_URL, "exchange": exchange, "queue_type": queue_type},
-        "worker": {"shutdown_timeout_s": 10, "log_format": "json", "log_level": "info"},
-        "metrics": {"host": "127.0.0.1", "port": metrics_port},
-        "security": {"require_https": False, "allow_private_networks": True},
-        "endpoints": [
+    return worker_document(
+        exchange,
+        queue_type,
+        metrics={"host": "127.0.0.1", "port": metrics_port},
+        endpoints=[
             {
                 "name": f"e{i}",
                 "url": receiver.url(i, "/v2" if i == changed else ""),
@@ -396,144 +210,32 @@ def config_document(
             }
             for i in range(count)
         ],
-    }
+    )
 
 
-def write_config(path: Path, document: dict[str, Any]) -> None:
-    """Atomically, so that a reload never reads half a file. JSON when ``path`` ends in
-    ``.json``, as the runs' configs do: the worker reads it in milliseconds where YAML takes
-    about a second at 10,000 endpoints (README, Configuration)."""
-    if path.suffix == ".json":
-        text = json.dumps(document)
-    else:
-        text = yaml.dump(
-            document, Dumper=Dumper, default_flow_style=None, sort_keys=False, width=400
-        )
-    partial = path.with_suffix(".partial")
-    partial.write_text(text)
-    partial.replace(path)
-
-
-class WorkerProcess:
-    """``python -m worker run --config PATH``, its stderr/stdout appended to ``log``."""
-
-    def __init__(self, config: Path, metrics_port: int, log: Path) -> None:
-        self.config = config
-        self.base = f"http://127.0.0.1:{metrics_port}"
-        self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
-        self.started = 0.0
-        self._log_handle: IO[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def start(self) -> None:
-        environment = {k: v for k, v in os.environ.items() if k != "HOOKLINE_BROKER_URL"}
-        self._log_handle = self.log.open("ab")
-        self.started = time.monotonic()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "worker", "run", "--config", str(self.config)],
-            cwd=ROOT,
-            env=environment,
-            stdout=self._log_handle,
-            stderr=subprocess.STDOUT,
-        )
-
-    def exited(self) -> bool:
-        return self.process is None or self.process.poll() is not None
-
-    async def wait_ready(self, session: aiohttp.ClientSession) -> float:
-        """Seconds from start until /readyz answers 200."""
-        while True:
-            if self.exited():
-                raise PhaseFailed(f"the worker exited; see {self.log}: {self.tail()}")
-            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
-                async with session.get(
-                    f"{self.base}/readyz", timeout=aiohttp.ClientTimeout(total=2)
-                ) as response:
-                    if response.status == 200:
-                        return time.monotonic() - self.started
-            await asyncio.sleep(0.05)
-
-    async def scrape(self, session: aiohttp.ClientSession, times: int = 3) -> tuple[int, float]:
-        """(sample lines, median scrape ms) of /metrics."""
-        durations, series = [], 0
-        for _ in range(times):
-            started = time.perf_counter()
-            async with session.get(
-                f"{self.base}/metrics", timeout=aiohttp.ClientTimeout(total=60)
-            ) as response:
-                response.raise_for_status()
-                text = await response.text()
-            durations.append((time.perf_counter() - started) * 1000)
-            series = sum(1 for line in text.splitlines() if line and not line.startswith("#"))
-        return series, statistics.median(durations)
-
-    def log_size(self) -> int:
-        return self.log.stat().st_size if self.log.exists() else 0
-
-    async def wait_log(self, event: str, offset: int) -> dict[str, Any]:
-        """The first JSON log line with ``"event": event`` written after ``offset``."""
-        pattern = re.compile(rb'"event":\s*"' + re.escape(event.encode()) + rb'"')
-        position, pending = offset, b""
-        while True:
-            with self.log.open("rb") as handle:
-                handle.seek(position)
-                chunk = handle.read()
-            position += len(chunk)
-            *lines, pending = (pending + chunk).split(b"\n")
-            for line in lines:
-                if pattern.search(line):
-                    with contextlib.suppress(ValueError):
-                        found: dict[str, Any] = json.loads(line)
-                        return found
-                    return {}
-            if self.exited():
-                raise PhaseFailed(f"the worker exited; see {self.log}")
-            await asyncio.sleep(0.02)
-
-    async def stop(self, timeout_s: float = 60) -> float:
-        """SIGTERM, then SIGKILL after ``timeout_s``; seconds it took to exit."""
-        started = time.monotonic()
-        try:
-            if self.process is not None and self.process.poll() is None:
-                self.process.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.to_thread(self.process.wait, timeout_s)
-                except subprocess.TimeoutExpired:
-                    print("  worker did not stop on SIGTERM: killed", flush=True)
-                    self.process.kill()
-                    await asyncio.to_thread(self.process.wait)
-        finally:
-            if self._log_handle is not None:
-                self._log_handle.close()
-                self._log_handle = None
-        return time.monotonic() - started
-
-    def tail(self, lines: int = 3) -> str:
-        with contextlib.suppress(OSError):
-            return " | ".join(self.log.read_text(errors="replace").splitlines()[-lines:])[-600:]
-        return ""
+async def scrape(
+    worker: Service, session: aiohttp.ClientSession, times: int = 3
+) -> tuple[int, float]:
+    """(sample lines, median scrape ms) of /metrics."""
+    durations, series = [], 0
+    for _ in range(times):
+        started = time.perf_counter()
+        async with session.get(
+            f"{worker.base}/metrics", timeout=aiohttp.ClientTimeout(total=60)
+        ) as response:
+            response.raise_for_status()
+            text = await response.text()
+        durations.append((time.perf_counter() - started) * 1000)
+        series = sum(1 for line in text.splitlines() if line and not line.startswith("#"))
+    return series, statistics.median(durations)
 
 
 # -- one endpoint count -----------------------------------------------------------------
 
 
-async def sample_peak(pid: int, stop: asyncio.Event) -> float:
-    peak = 0.0
-    while not stop.is_set():
-        peak = max(peak, rss_mb(pid) or 0.0)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 0.05)
-    return max(peak, rss_mb(pid) or 0.0)
-
-
 async def deliver(
     row: Row,
-    worker: WorkerProcess,
+    worker: Service,
     receiver: ScaleReceiver,
     session: aiohttp.ClientSession,
     exchange: str,
@@ -570,18 +272,21 @@ async def deliver(
         row.rss_delivering_mb = await sampler
 
 
-async def reload_one(row: Row, worker: WorkerProcess, rewrite: dict[str, Any]) -> float:
+async def reload_one(row: Row, worker: Service, config: Path, rewrite: dict[str, Any]) -> float:
     """Rewrite the config with one endpoint's URL changed, SIGHUP, wait for config_reloaded."""
-    write_config(worker.config, rewrite)
-    offset = worker.log_size()
+    write_config(config, rewrite)
+    follower = LogFollower(worker.log, worker.log_size(), "config_reloaded")
     sent = time.time()
     assert worker.process is not None
     worker.process.send_signal(signal.SIGHUP)
-    line = await worker.wait_log("config_reloaded", offset)
+    while not (found := follower.lines()):
+        if worker.exited():
+            raise PhaseFailed(f"the worker exited; see {worker.log}")
+        await asyncio.sleep(0.02)
+    line = found[0]
     seen = time.time()
     with contextlib.suppress(KeyError, TypeError, ValueError):
-        logged = datetime.fromisoformat(str(line["timestamp"]).replace("Z", "+00:00"))
-        seen = min(seen, logged.timestamp())
+        seen = min(seen, logged_at(line))
     changed = line.get("changed")
     if changed is not None and list(changed) != [f"e{row.endpoints // 2}"]:
         raise PhaseFailed(f"config_reloaded reports changed={changed!r}")
@@ -605,7 +310,7 @@ async def run_count(
     write_config(config, document)
     log = workdir / f"{exchange}.log"
     print(f"{count:,} endpoints ({queue_type}), exchange {exchange}, log {log}", flush=True)
-    worker = WorkerProcess(config, metrics_port, log)
+    worker = Service.worker(config, metrics_port, log, child_environment())
     try:
         leftovers = await rabbitmqctl_names("queues", exchange)
         if leftovers:
@@ -635,7 +340,7 @@ async def run_count(
         print(f"  warm ready in {row.warm_ready_s:.1f} s", flush=True)
         await asyncio.sleep(2)
         row.rss_idle_mb = rss_mb(worker.pid)
-        scraped = await phase(row, "metrics (idle)", worker.scrape(session), timeout_s)
+        scraped = await phase(row, "metrics (idle)", scrape(worker, session), timeout_s)
         if scraped is not None:
             row.metrics_series_idle, row.scrape_ms_idle = scraped
 
@@ -652,14 +357,16 @@ async def run_count(
                 flush=True,
             )
         row.broker_after_delivery_mb = broker_rss_mb()
-        scraped = await phase(row, "metrics", worker.scrape(session), timeout_s)
+        scraped = await phase(row, "metrics", scrape(worker, session), timeout_s)
         if scraped is not None:
             row.metrics_series, row.scrape_ms = scraped
 
         rewrite = config_document(
             exchange, count, queue_type, receiver, metrics_port, changed=count // 2
         )
-        row.reload_s = await phase(row, "reload", reload_one(row, worker, rewrite), timeout_s)
+        row.reload_s = await phase(
+            row, "reload", reload_one(row, worker, config, rewrite), timeout_s
+        )
         if row.reload_s is not None:
             print(f"  reload applied in {row.reload_s:.2f} s", flush=True)
         after = [
@@ -743,13 +450,6 @@ async def main_async(args: argparse.Namespace, workdir: Path) -> list[Row]:
     return rows
 
 
-def endpoint_count(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= MAX_ENDPOINTS:
-        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_ENDPOINTS:,}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.scale",
@@ -781,12 +481,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.serve_receiver is not None:
-        asyncio.run(serve_receiver(args.serve_receiver))
+        asyncio.run(serve_counting(args.serve_receiver))
         return 0
     if not args.endpoints:
         parser.error("give at least one --endpoints N")
-    workdir = Path(args.keep_logs or tempfile.mkdtemp(prefix="hookline-scale-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = make_workdir(args.keep_logs, "hookline-scale-")
     rows = asyncio.run(main_async(args, workdir))
     print()
     print(table(rows))
@@ -794,23 +493,15 @@ def main(argv: list[str] | None = None) -> int:
         for name, reason in row.failures.items():
             print(f"{row.endpoints:,} endpoints: {name} failed: {reason}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps(
-                {
-                    "environment": {
-                        "python": platform.python_version(),
-                        "cpus": os.cpu_count(),
-                        "queue_type": args.queue_type,
-                    },
-                    "targets_at": TARGET_AT,
-                    "targets": {column: limit for column, (limit, _) in TARGETS.items()},
-                    "rows": [asdict(row) for row in rows],
-                },
-                indent=2,
-            )
+        write_results(
+            args.json,
+            {
+                "environment": environment(args.queue_type),
+                "targets_at": TARGET_AT,
+                "targets": {column: limit for column, (limit, _) in TARGETS.items()},
+                "rows": [asdict(row) for row in rows],
+            },
         )
-        print(f"\nresults: {args.json}")
     return 1 if any(row.failures for row in rows) else 0
 
 
