@@ -1,23 +1,29 @@
 """deploy/: the Dockerfile, docker-compose, Kubernetes manifests, alerts and dashboard are
-consistent with each other and with what a running worker exports. No container engine
-runs here, so files are checked statically and, where a real tool exists, for real."""
+consistent with each other and with what a running worker and API export. No container
+engine runs here, so files are checked statically and, where a real tool exists, for real."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from pydantic import SecretStr
 
+from producer.settings import read_config_file
 from tests.conftest import (
     REPO,
     Receiver,
@@ -26,8 +32,11 @@ from tests.conftest import (
     eventually,
     make_settings,
     publish_events,
+    registry_sections,
 )
 from tests.helpers import as_async
+from worker.exceptions import ConfigError
+from worker.secretbox import SecretBox
 from worker.settings import Settings, load_settings, settings_from_document
 from worker.topology import endpoint_queue
 
@@ -39,10 +48,25 @@ CUSTOM_SCHEMAS = {
     ("keda.sh/v1alpha1", "ScaledObject"): "scaledobject.keda.sh.json",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor.monitoring.coreos.com.json",
 }
+# The Compose Specification's own schema (its source and commit are in its $comment).
+COMPOSE_SCHEMA = SCHEMAS / "compose-spec.json"
 METRIC_RE = re.compile(r"\b(webhook_[a-z_]+)\b")
 # Labels the Prometheus Operator gives every target of a ServiceMonitor. With honorLabels,
 # a series' own label of the same name wins, so the worker must export none but endpoint.
 OPERATOR_TARGET_LABELS = {"job", "instance", "namespace", "service", "pod", "container", "endpoint"}
+WORKER = "hookline-worker"
+API = "hookline-api"
+CONFIG_PATH = "/etc/hookline/config.yaml"
+API_COMMAND = ["python", "-m", "api", "--config", CONFIG_PATH]
+# ${NAME}, ${NAME:?message}, ${NAME:-default}: Compose's interpolation, as far as used here.
+INTERPOLATION_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?([?-])([^}]*))?\}")
+# What tests substitute for the compose file's secrets (never committed anywhere).
+COMPOSE_TEST_ENV = {
+    "HOOKLINE_SECRET_KEY": base64.b64encode(b"c" * 32).decode(),
+    "HOOKLINE_POSTGRES_PASSWORD": "composetestpassword",
+}
+
+KubeObjects = dict[tuple[str, str], dict[str, Any]]
 
 
 def custom_schema(key: tuple[str, str]) -> dict[str, Any]:
@@ -54,22 +78,46 @@ def load_yaml_documents(path: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
 
 
-def kubernetes_objects() -> dict[str, dict[str, Any]]:
-    """Every object the kustomization lists, by kind (each kind appears once)."""
+def kubernetes_objects() -> KubeObjects:
+    """Every object the kustomization lists, by (kind, name), each once."""
     kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
-    objects: dict[str, dict[str, Any]] = {}
+    objects: KubeObjects = {}
     for name in kustomization["resources"]:
         for document in load_yaml_documents(KUBERNETES / name):
-            assert document["kind"] not in objects
-            objects[document["kind"]] = document
+            key = (document["kind"], document["metadata"]["name"])
+            assert key not in objects
+            objects[key] = document
     return objects
 
 
-def kubernetes_settings(objects: dict[str, dict[str, Any]]) -> Settings:
-    """The ConfigMap's config.yaml as the worker would load it, with the Secret's env."""
-    document = yaml.safe_load(objects["ConfigMap"]["data"]["config.yaml"])
-    environ = objects["Secret"]["stringData"]
-    return settings_from_document(document, Path("configmap/config.yaml"), environ)
+def secret_environment(objects: KubeObjects) -> dict[str, str]:
+    """Every listed Secret's variables, as envFrom gives them to a pod."""
+    environ: dict[str, str] = {}
+    for (kind, _), document in objects.items():
+        if kind == "Secret":
+            assert not environ.keys() & document["stringData"].keys()
+            environ.update(document["stringData"])
+    return environ
+
+
+def kubernetes_settings(objects: KubeObjects, tmp_path: Path) -> Settings:
+    """The ConfigMap's config.yaml as the workers and the API load it, with the Secrets'
+    variables as the environment (HOOKLINE_DATABASE_URL included)."""
+    path = tmp_path / "config.yaml"
+    path.write_text(objects[("ConfigMap", "hookline-config")]["data"]["config.yaml"])
+    environ = secret_environment(objects)
+    return settings_from_document(read_config_file(path, environ), path, environ)
+
+
+def pod_spec(objects: KubeObjects, deployment: str) -> dict[str, Any]:
+    spec: dict[str, Any] = objects[("Deployment", deployment)]["spec"]["template"]["spec"]
+    return spec
+
+
+def mount_paths(container: dict[str, Any], spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The container's mounts by path, each with the volume it mounts."""
+    volumes = {volume["name"]: volume for volume in spec["volumes"]}
+    return {mount["mountPath"]: volumes[mount["name"]] for mount in container["volumeMounts"]}
 
 
 def test_dockerfile_is_multi_stage_slim_non_root_with_healthcheck() -> None:
@@ -88,13 +136,83 @@ def test_dockerfile_is_multi_stage_slim_non_root_with_healthcheck() -> None:
     assert {".git", ".venv", "tests", "bench", "docs"} <= set(ignored)
 
 
+def test_image_installs_every_package_with_the_api_migrations() -> None:
+    """The build stage copies every package pyproject.toml installs (the API's included)
+    before `pip install .`, nothing keeps them out of the build context, and the API's
+    SQL migrations are package data, so the image can run `python -m api migrate`."""
+    dockerfile = (REPO / "Dockerfile").read_text()
+    build = dockerfile.split(" AS build")[1].split(" AS runtime")[0]
+    copies = {
+        source: target for source, target in re.findall(r"^COPY (\S+) (\S+)$", build, re.MULTILINE)
+    }
+    install = build.index("pip install .")
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    packages = pyproject["tool"]["setuptools"]["packages"]
+    assert "api" in packages
+    ignored = {
+        line.strip().rstrip("/")
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    # Subpackages (api.migrations) come with their top-level directory.
+    for package in {package.split(".")[0] for package in packages}:
+        assert copies.get(package) == f"./{package}", f"the image lacks {package}/"
+        assert build.index(f"COPY {package} ") < install
+        assert package not in ignored
+    assert "api.migrations" in packages
+    assert "*.sql" in pyproject["tool"]["setuptools"]["package-data"]["api.migrations"]
+    assert sorted(path.name for path in (REPO / "api" / "migrations").glob("*.sql"))
+
+
+def compose_file() -> dict[str, Any]:
+    compose: dict[str, Any] = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    return compose
+
+
+def interpolate(value: str, environ: dict[str, str]) -> str:
+    """Compose's variable interpolation of ``value``; a missing required one fails."""
+
+    def substitute(match: re.Match[str]) -> str:
+        name, operator, argument = match.groups()
+        if environ.get(name):
+            return environ[name]
+        assert operator != "?", f"{name} is required: {argument}"
+        return argument if operator == "-" else ""
+
+    return INTERPOLATION_RE.sub(substitute, value)
+
+
+def service_environment(service: dict[str, Any], environ: dict[str, str]) -> dict[str, str]:
+    return {key: interpolate(str(value), environ) for key, value in service["environment"].items()}
+
+
+def test_compose_file_fits_the_compose_specification() -> None:
+    """deploy/docker-compose.yml against the Compose Specification's schema (no `docker
+    compose` here): unknown keys, a misspelt depends_on condition or a wrong type fail."""
+    schema = json.loads(COMPOSE_SCHEMA.read_text())
+    # Its $schema names draft 7 by an address jsonschema does not recognise.
+    jsonschema.Draft7Validator.check_schema(schema)
+    jsonschema.Draft7Validator(schema).validate(compose_file())
+
+
 def test_compose_services_ports_mounts_and_worker_config() -> None:
-    """RabbitMQ with the management and Prometheus plugins, two workers, the receiver,
-    Prometheus scraping both and Grafana provisioned; every mounted file exists; the
-    workers' config loads and points at the receiver with the receiver's secret."""
-    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    """RabbitMQ with the management and Prometheus plugins, PostgreSQL, the migration, the
+    API, two workers, the receiver, Prometheus scraping the workers and Grafana
+    provisioned; every mounted file exists; the workers' config loads and points at the
+    receiver with the receiver's secret."""
+    compose = compose_file()
     services = compose["services"]
-    assert set(services) == {"rabbitmq", "worker", "receiver", "publisher", "prometheus", "grafana"}
+    assert set(services) == {
+        "rabbitmq",
+        "postgres",
+        "migrate",
+        "api",
+        "worker",
+        "receiver",
+        "publisher",
+        "prometheus",
+        "grafana",
+    }
     assert services["worker"]["deploy"]["replicas"] == 2
     assert services["publisher"]["profiles"] == ["tools"]
     for service in services.values():
@@ -102,6 +220,8 @@ def test_compose_services_ports_mounts_and_worker_config() -> None:
             source = volume.split(":")[0]
             if source.startswith("."):
                 assert (DEPLOY / source).exists(), f"{source} is mounted but missing"
+            else:
+                assert source in compose["volumes"], f"{source} is not a declared volume"
     assert "./compose/config.yaml:/etc/hookline/config.yaml:ro" in services["worker"]["volumes"]
     assert {"5672:5672", "15672:15672"} <= set(services["rabbitmq"]["ports"])
     assert "9090:9090" in services["prometheus"]["ports"]
@@ -109,7 +229,7 @@ def test_compose_services_ports_mounts_and_worker_config() -> None:
     plugins = (DEPLOY / "compose" / "enabled_plugins").read_text()
     assert "rabbitmq_management" in plugins and "rabbitmq_prometheus" in plugins
 
-    environ = services["worker"]["environment"]
+    environ = service_environment(services["worker"], COMPOSE_TEST_ENV)
     settings = load_settings(DEPLOY / "compose" / "config.yaml", environ)
     grace = services["worker"]["stop_grace_period"]
     assert int(grace.rstrip("s")) > settings.worker.shutdown_timeout_s
@@ -136,36 +256,133 @@ def test_compose_services_ports_mounts_and_worker_config() -> None:
     assert (datasource["uid"], datasource["url"]) == ("prometheus", "http://prometheus:9090")
 
 
+def test_compose_control_plane_postgres_migration_and_api() -> None:
+    """PostgreSQL 15 with a healthcheck and a volume; a one-shot migration once it is
+    healthy; the API from the workers' image once the migration succeeded, on 127.0.0.1:8080
+    only, checked on /readyz; workers start after the migration too. The API, the migration
+    and the workers load the same config with the same environment, whose registry URL
+    names the postgres service, its user and database."""
+    services = compose_file()["services"]
+    postgres, migrate, api, worker = (
+        services[name] for name in ("postgres", "migrate", "api", "worker")
+    )
+
+    assert postgres["image"] == "postgres:15"
+    assert "pg_isready" in postgres["healthcheck"]["test"]
+    assert "postgres-data:/var/lib/postgresql/data" in postgres["volumes"]
+    assert "ports" not in postgres  # only the compose network reaches it
+
+    for service in (migrate, api):
+        assert service["image"] == worker["image"]
+        assert "build" not in service  # the worker's build makes the image
+        assert service["volumes"] == worker["volumes"]
+        assert service["environment"] == worker["environment"]
+    assert [*migrate["entrypoint"], *migrate["command"]] == [*API_COMMAND, "migrate"]
+    assert migrate["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    assert migrate["restart"] == "no"
+    assert [*api["entrypoint"], *api["command"]] == API_COMMAND
+    completed = {"condition": "service_completed_successfully"}
+    assert api["depends_on"]["migrate"] == completed
+    assert api["depends_on"]["rabbitmq"] == {"condition": "service_healthy"}
+    assert worker["depends_on"]["migrate"] == completed
+
+    environ = service_environment(api, COMPOSE_TEST_ENV)
+    settings = load_settings(DEPLOY / "compose" / "config.yaml", environ)
+    assert settings.registry.enabled
+    SecretBox.from_setting(settings.registry.secret_key)
+    assert settings.api.host == "0.0.0.0"
+    assert api["ports"] == [f"127.0.0.1:{settings.api.port}:{settings.api.port}"]
+    probe = " ".join(api["healthcheck"]["test"])
+    assert f"http://127.0.0.1:{settings.api.port}/readyz" in probe
+    assert settings.registry.database_url is not None
+    url = urlsplit(settings.registry.database_url.get_secret_value())
+    database = service_environment(postgres, COMPOSE_TEST_ENV)
+    assert (url.hostname, url.port) == ("postgres", 5432)
+    assert (url.username, url.password) == (
+        database["POSTGRES_USER"],
+        database["POSTGRES_PASSWORD"],
+    )
+    assert url.path == f"/{database['POSTGRES_DB']}"
+    # The publisher needs the broker only.
+    assert set(services["publisher"]["environment"]) == {"HOOKLINE_BROKER_URL"}
+
+
+def test_compose_secrets_come_from_the_environment() -> None:
+    """The secret key and the database password are required variables (deploy/.env, which
+    git ignores), never values in the file; without them Compose refuses to start."""
+    services = compose_file()["services"]
+    text = (DEPLOY / "docker-compose.yml").read_text()
+    for service in ("worker", "api", "migrate"):
+        environment = services[service]["environment"]
+        assert re.fullmatch(
+            r"\$\{HOOKLINE_SECRET_KEY:\?[^}]*\}", environment["HOOKLINE_SECRET_KEY"]
+        )
+        assert "${HOOKLINE_POSTGRES_PASSWORD:?" in environment["HOOKLINE_DATABASE_URL"]
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith(
+        "${HOOKLINE_POSTGRES_PASSWORD:?"
+    )
+    assert "generate-secret-key" in text
+    with pytest.raises(AssertionError, match="HOOKLINE_SECRET_KEY is required"):
+        service_environment(services["api"], {"HOOKLINE_POSTGRES_PASSWORD": "x"})
+    assert ".env" in (DEPLOY / ".gitignore").read_text().split()
+
+
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_kubernetes_manifests_validate_against_schemas(version: str) -> None:
     """Core objects against the Kubernetes schemas (strict: unknown fields fail); KEDA and
     Prometheus Operator objects against schemas of the fields they use."""
     checked = set()
-    for document in kubernetes_objects().values():
-        key = (document["apiVersion"], document["kind"])
+    for key, document in kubernetes_objects().items():
+        api_kind = (document["apiVersion"], document["kind"])
         # Both raise on the first field that does not fit its schema.
-        if key in CUSTOM_SCHEMAS:
-            jsonschema.validate(document, custom_schema(key))
+        if api_kind in CUSTOM_SCHEMAS:
+            jsonschema.validate(document, custom_schema(api_kind))
         else:
             kubernetes_validate.validate(document, version, strict=True)
-        checked.add(document["kind"])
+        checked.add(key)
     assert checked == {
-        "ConfigMap",
-        "Secret",
-        "Deployment",
-        "Service",
-        "ServiceMonitor",
-        "PodDisruptionBudget",
-        "ScaledObject",
+        ("ConfigMap", "hookline-config"),
+        ("Secret", "hookline-secrets"),
+        ("Secret", "hookline-registry"),
+        ("Deployment", WORKER),
+        ("Service", WORKER),
+        ("ServiceMonitor", WORKER),
+        ("PodDisruptionBudget", WORKER),
+        ("ScaledObject", WORKER),
+        ("Deployment", API),
+        ("Service", API),
+        ("PodDisruptionBudget", API),
     }
 
 
-def test_kubernetes_objects_fit_together() -> None:
+def test_kustomize_builds_the_listed_objects() -> None:
+    """`kubectl kustomize` (offline) builds the base into exactly the listed objects, each
+    with the part-of label, and they still validate strictly."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed")
+    result = subprocess.run(
+        [kubectl, "kustomize", str(KUBERNETES)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    built = [document for document in yaml.safe_load_all(result.stdout) if document]
+    assert {(d["kind"], d["metadata"]["name"]) for d in built} == set(kubernetes_objects())
+    for document in built:
+        assert document["metadata"]["labels"]["app.kubernetes.io/part-of"] == "hookline"
+        if (document["apiVersion"], document["kind"]) not in CUSTOM_SCHEMAS:
+            kubernetes_validate.validate(document, KUBERNETES_VERSIONS[-1], strict=True)
+
+
+def test_kubernetes_objects_fit_together(tmp_path: Path) -> None:
     """Probes, ports, selectors, grace period and secrets agree with the config in the
     ConfigMap."""
     objects = kubernetes_objects()
-    settings = kubernetes_settings(objects)
-    pod = objects["Deployment"]["spec"]["template"]
+    settings = kubernetes_settings(objects, tmp_path)
+    pod = objects[("Deployment", WORKER)]["spec"]["template"]
     labels = pod["metadata"]["labels"]
     [container] = pod["spec"]["containers"]
     assert pod["spec"]["terminationGracePeriodSeconds"] > settings.worker.shutdown_timeout_s
@@ -177,38 +394,125 @@ def test_kubernetes_objects_fit_together() -> None:
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert container["resources"]["requests"] == {"cpu": "250m", "memory": "128Mi"}
-    assert container["args"] == ["run", "--config", "/etc/hookline/config.yaml"]
+    assert container["args"] == ["run", "--config", CONFIG_PATH]
     assert container["volumeMounts"][0]["mountPath"] == "/etc/hookline"
-    assert (
-        pod["spec"]["volumes"][0]["configMap"]["name"] == objects["ConfigMap"]["metadata"]["name"]
-    )
-    assert container["envFrom"][0]["secretRef"]["name"] == objects["Secret"]["metadata"]["name"]
+    assert pod["spec"]["volumes"][0]["configMap"]["name"] == "hookline-config"
+    assert [source["secretRef"]["name"] for source in container["envFrom"]] == [
+        "hookline-secrets",
+        "hookline-registry",
+    ]
     for kind in ("Service", "PodDisruptionBudget"):
-        selector = objects[kind]["spec"]["selector"]
+        selector = objects[(kind, WORKER)]["spec"]["selector"]
         assert selector.get("matchLabels", selector).items() <= labels.items()
-    service_port = objects["Service"]["spec"]["ports"][0]["name"]
-    assert objects["ServiceMonitor"]["spec"]["endpoints"][0]["port"] == service_port
-    scale_target = objects["ScaledObject"]["spec"]["scaleTargetRef"]
-    assert scale_target["name"] == objects["Deployment"]["metadata"]["name"]
+    service_port = objects[("Service", WORKER)]["spec"]["ports"][0]["name"]
+    assert objects[("ServiceMonitor", WORKER)]["spec"]["endpoints"][0]["port"] == service_port
+    scale_target = objects[("ScaledObject", WORKER)]["spec"]["scaleTargetRef"]
+    assert scale_target["name"] == WORKER
+    # registry.snapshot_path is on a writable emptyDir (the root filesystem is read-only).
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert settings.registry.snapshot_path is not None
+    mounts = mount_paths(container, pod["spec"])
+    assert "emptyDir" in mounts[str(settings.registry.snapshot_path.parent)]
 
 
-def servicemonitor_job(objects: dict[str, dict[str, Any]]) -> str:
+def test_kubernetes_api_fits_together(tmp_path: Path) -> None:
+    """The API Deployment: the workers' image, security context and Secrets; its port is
+    api.port from the ConfigMap (on every interface), probed on /readyz and /healthz; the
+    migration runs first as an init container with the same image, environment and config;
+    the Service and the PodDisruptionBudget select its pods and no worker's."""
+    objects = kubernetes_objects()
+    settings = kubernetes_settings(objects, tmp_path)
+    assert settings.registry.enabled
+    assert settings.api.host == "0.0.0.0"
+    worker_spec = pod_spec(objects, WORKER)
+    spec = pod_spec(objects, API)
+    template = objects[("Deployment", API)]["spec"]["template"]
+    labels = template["metadata"]["labels"]
+    [worker] = worker_spec["containers"]
+    [api] = spec["containers"]
+    [migrate] = spec["initContainers"]
+
+    assert spec["securityContext"] == worker_spec["securityContext"]
+    assert spec["automountServiceAccountToken"] is False
+    assert [*api["command"], *api["args"]] == API_COMMAND
+    assert [*migrate["command"], *migrate["args"]] == [*API_COMMAND, "migrate"]
+    for container in (api, migrate):
+        assert container["image"] == worker["image"]
+        assert container["securityContext"] == worker["securityContext"]
+        assert container["envFrom"] == worker["envFrom"]
+        assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+        assert container["volumeMounts"] == [
+            mount for mount in worker["volumeMounts"] if mount["name"] != "state"
+        ]
+    assert spec["volumes"] == [
+        volume for volume in worker_spec["volumes"] if volume["name"] != "state"
+    ]
+
+    assert api["ports"] == [{"name": "http", "containerPort": settings.api.port, "protocol": "TCP"}]
+    assert api["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert api["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    # The API stops within 10 s of SIGTERM (api/server.py).
+    assert spec["terminationGracePeriodSeconds"] > 10
+
+    worker_labels = objects[("Deployment", WORKER)]["spec"]["template"]["metadata"]["labels"]
+    for kind in ("Service", "PodDisruptionBudget"):
+        selector = objects[(kind, API)]["spec"]["selector"]
+        selector = selector.get("matchLabels", selector)
+        assert selector.items() <= labels.items()
+        assert not selector.items() <= worker_labels.items()
+    [port] = objects[("Service", API)]["spec"]["ports"]
+    assert (port["port"], port["targetPort"]) == (settings.api.port, "http")
+    assert objects[("Deployment", API)]["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_kubernetes_registry_secret_is_a_placeholder_and_the_ca_is_mounted(tmp_path: Path) -> None:
+    """The committed hookline-registry Secret holds no usable key (the API and the workers
+    refuse to start with it) and no real password; its URL verifies the server with a CA
+    file where both Deployments mount the optional hookline-postgres-ca ConfigMap."""
+    objects = kubernetes_objects()
+    registry = objects[("Secret", "hookline-registry")]["stringData"]
+    assert set(registry) == {"HOOKLINE_DATABASE_URL", "HOOKLINE_SECRET_KEY"}
+    with pytest.raises(ConfigError, match="generate-secret-key"):
+        SecretBox.from_setting(SecretStr(registry["HOOKLINE_SECRET_KEY"]))
+    try:
+        key = base64.b64decode(registry["HOOKLINE_SECRET_KEY"], validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    assert len(key) != 32
+    settings = kubernetes_settings(objects, tmp_path)
+    assert settings.registry.database_url is not None
+    url = urlsplit(settings.registry.database_url.get_secret_value())
+    assert url.password == "CHANGE-ME"
+    query = parse_qs(url.query)
+    assert query["sslmode"] == ["verify-full"]
+    [ca_file] = query["sslrootcert"]
+    for deployment in (WORKER, API):
+        spec = pod_spec(objects, deployment)
+        for container in spec["containers"] + spec.get("initContainers", []):
+            volume = mount_paths(container, spec)[str(Path(ca_file).parent)]
+            assert volume["configMap"] == {"name": "hookline-postgres-ca", "optional": True}
+    assert (
+        "kubectl create secret generic hookline-registry" in (KUBERNETES / "README.md").read_text()
+    )
+
+
+def servicemonitor_job(objects: KubeObjects) -> str:
     """The job label the Prometheus Operator gives the workers' series: the Service's
     label named by jobLabel, else the Service's name."""
-    service = objects["Service"]
-    job_label = objects["ServiceMonitor"]["spec"].get("jobLabel")
+    service = objects[("Service", WORKER)]
+    job_label = objects[("ServiceMonitor", WORKER)]["spec"].get("jobLabel")
     if job_label is None:
         return str(service["metadata"]["name"])
     return str(service["metadata"]["labels"][job_label])
 
 
-def test_keda_scales_on_one_prometheus_trigger_over_the_backlog_gauge() -> None:
+def test_keda_scales_on_one_prometheus_trigger_over_the_backlog_gauge(tmp_path: Path) -> None:
     """One Prometheus trigger, whatever the number of endpoints: the largest of the
     workers' total backlogs, on the job the ServiceMonitor produces. No queue, endpoint or
     TriggerAuthentication is named anywhere."""
     objects = kubernetes_objects()
-    settings = kubernetes_settings(objects)
-    scaled = objects["ScaledObject"]["spec"]
+    settings = kubernetes_settings(objects, tmp_path)
+    scaled = objects[("ScaledObject", WORKER)]["spec"]
     [trigger] = scaled["triggers"]
     assert trigger["type"] == "prometheus"
     assert "authenticationRef" not in trigger
@@ -247,10 +551,10 @@ def test_servicemonitor_keeps_the_workers_endpoint_label() -> None:
     """The Prometheus Operator labels every target endpoint="<port name>"; honorLabels
     keeps the worker's own endpoint label instead of renaming it exported_endpoint."""
     objects = kubernetes_objects()
-    [scrape] = objects["ServiceMonitor"]["spec"]["endpoints"]
+    [scrape] = objects[("ServiceMonitor", WORKER)]["spec"]["endpoints"]
     assert scrape["honorLabels"] is True
     queries = [rule["expr"] for rule in alert_rules()] + dashboard_queries()
-    queries.append(objects["ScaledObject"]["spec"]["triggers"][0]["metadata"]["query"])
+    queries.append(objects[("ScaledObject", WORKER)]["spec"]["triggers"][0]["metadata"]["query"])
     assert not [query for query in queries if "exported_endpoint" in query]
 
 
@@ -259,7 +563,7 @@ def test_keda_query_takes_one_workers_total_not_the_sum_over_pods(tmp_path: Path
     see the same queues (one not done polling every queue yet), notable endpoints and _other,
     and another job's series with the same name. The result is the fuller worker's total."""
     objects = kubernetes_objects()
-    query = objects["ScaledObject"]["spec"]["triggers"][0]["metadata"]["query"]
+    query = objects[("ScaledObject", WORKER)]["spec"]["triggers"][0]["metadata"]["query"]
     job = servicemonitor_job(objects)
     backlog = {
         ("hookline-worker-a", "billing"): 300,
@@ -380,10 +684,11 @@ def dashboard_queries() -> list[str]:
 
 
 async def test_every_metric_queried_is_exported_by_a_running_worker(
-    exchange_name: str, receiver: Receiver, run_worker: RunWorker
+    exchange_name: str, receiver: Receiver, run_worker: RunWorker, registry_db: str
 ) -> None:
-    """Scraped from a real worker during real deliveries: every webhook_* name that an
-    alert or a dashboard panel queries is a series the worker exports."""
+    """Scraped from a real worker (following a registry) during real deliveries: every
+    webhook_* name that an alert or a dashboard panel queries is a series the worker
+    exports."""
     receiver.script("/ok", 200)
     receiver.script("/gone", 410)
     settings = make_settings(
@@ -393,6 +698,7 @@ async def test_every_metric_queried_is_exported_by_a_running_worker(
             endpoint("gone", receiver.url("/gone"), ["e.#"]),
         ],
         metrics={"queue_poll_s": 0.2},
+        **registry_sections(registry_db),
     )
     worker = await run_worker(settings)
     await publish_events(exchange_name, 3, "e.event", "scrape")
