@@ -67,6 +67,10 @@ RECOVERY_ABANDONED = "the API process running it stopped before it finished; sta
 RECOVERY_PROGRESS_S = 2.0
 # Held while a recovery scans the dead-letter queue; "dlqscan" in ASCII.
 DLQ_SCAN_LOCK_ID = 0x646C717363616E
+DLQ_SCAN_POLL_S = 1.0
+# Test sends at once per API process, and the longest one waits for an answer.
+TEST_SENDS = 16
+TEST_TIMEOUT_S = 30.0
 NULLABLE = frozenset({"filter", "timeout_s", "max_in_flight", "rate_limit_per_s", "description"})
 # The first word of Hookline's operational events (hookline.endpoint.failing, ...).
 OPERATIONAL_EVENTS_WORD = "hookline"
@@ -115,6 +119,8 @@ class Api:
         self._config = {endpoint.name: endpoint for endpoint in settings.endpoints}
         self._recoveries: set[asyncio.Task[None]] = set()
         self._dlq_scan = asyncio.Lock()
+        # Each test send holds an outgoing connection for up to TEST_TIMEOUT_S.
+        self._test_sends = asyncio.Semaphore(TEST_SENDS)
 
     def application(self) -> web.Application:
         app = web.Application(
@@ -255,6 +261,7 @@ class Api:
                             f"tenant {endpoint.tenant!r} has {count} endpoints, the most "
                             f"registry.max_endpoints_per_tenant allows ({limit})",
                         )
+                await store.lock_name(connection, endpoint.name)
                 deleted = await store.deleted_name(connection, endpoint.name)
                 if (
                     deleted is not None
@@ -271,8 +278,9 @@ class Api:
                     raise _name_taken(endpoint.name)
                 # Declared and bound only if its queue is empty: a queue holding events is
                 # a deleted endpoint's, whose events are not for this one.
+                # Set first: a declare cut short may have bound some patterns already.
+                declared = True
                 queued = await self._broker.declare(endpoint)
-                declared = not queued
                 if queued:
                     if not principal.admin:
                         raise _name_taken(endpoint.name)
@@ -289,15 +297,15 @@ class Api:
                     # admin gives to another tenant starts a new history.
                     same_owner = deleted["tenant"] == endpoint.tenant
                     row["recover_after"] = await store.take_name(
-                        connection,
-                        endpoint.name,
-                        recover_after=deleted["recover_after"] if same_owner else row["created_at"],
+                        connection, endpoint.name, keep_history=deleted if same_owner else None
                     )
         except BaseException:
-            # The commit failed after the queue was bound: no queue may collect events
-            # for an endpoint that does not exist.
+            # Rolled back, or the commit failed, after the queue was declared: no queue may
+            # collect events for an endpoint that does not exist (unbinding is idempotent,
+            # and a queue this create made is removed if it is still empty).
             if declared:
                 await _quietly(self._broker.unbind(endpoint.name, endpoint.events))
+                await _quietly(self._broker.delete_if_empty(endpoint.name))
             raise
         log.info("endpoint_created", endpoint=endpoint.name, tenant=endpoint.tenant)
         view = models.EndpointCreated(**_view(row).model_dump(), secret=secret)
@@ -385,12 +393,13 @@ class Api:
                 updated = await store.update_endpoint(connection, name, changes)
                 added = [p for p in endpoint.events if p not in row["events"]]
                 dropped = [p for p in row["events"] if p not in endpoint.events]
+                # Each set is recorded before its call: one cut short may have done part.
                 if added:
-                    await self._broker.bind(name, added)
                     bound = added
+                    await self._broker.bind(name, added)
                 if dropped:
-                    await self._broker.unbind(name, dropped)
                     unbound = dropped
+                    await self._broker.unbind(name, dropped)
         except BaseException:
             # Rolled back, or the commit failed: the bindings follow the row.
             if bound:
@@ -407,12 +416,13 @@ class Api:
         unbound: list[str] = []
         try:
             async with self._pool.acquire() as connection, connection.transaction():
+                await store.lock_name(connection, name)
                 row = _visible(
                     await store.get_endpoint(connection, name, for_update=True), principal, name
                 )
                 # First, so that no event queues up for an endpoint that is about to go.
-                await self._broker.unbind(name, row["events"])
                 unbound = row["events"]
+                await self._broker.unbind(name, row["events"])
                 await store.delete_endpoint(connection, row)
         except BaseException:
             if unbound:
@@ -468,7 +478,13 @@ class Api:
 
     async def test(self, request: web.Request) -> web.Response:
         endpoint = await self._endpoint(request)
-        event_id, result = await send_test(self.settings, endpoint, sender="the Hookline API")
+        timeout_s = min(self.settings.timeout_for(endpoint), TEST_TIMEOUT_S)
+        async with self._test_sends:
+            event_id, result = await send_test(
+                self.settings,
+                endpoint.model_copy(update={"timeout_s": timeout_s}),
+                sender="the Hookline API",
+            )
         return _json(
             models.SendTestResult(
                 event_id=event_id,
@@ -650,7 +666,12 @@ class Api:
         )
         try:
             async with self._dlq_scan, self._pool.acquire() as holder:
-                await holder.execute("SELECT pg_advisory_lock($1)", DLQ_SCAN_LOCK_ID)
+                # Polled, not waited for in one query: the pool's command timeout would end
+                # a wait for another API process's long scan.
+                while True:
+                    if await holder.fetchval("SELECT pg_try_advisory_lock($1)", DLQ_SCAN_LOCK_ID):
+                        break
+                    await asyncio.sleep(DLQ_SCAN_POLL_S)
                 try:
                     await dlq.replay(
                         settings, selection, rate_per_s=rate_per_s, on_replayed=one_more

@@ -131,6 +131,23 @@ class Broker:
 
         await _translated(unbind())
 
+    async def delete_if_empty(self, name: str) -> None:
+        """Remove the endpoint's queue if it holds nothing and nobody consumes it."""
+
+        async def delete() -> None:
+            channel = await self._acquire()
+            try:
+                await channel.queue_delete(self._queue(name), if_unused=True, if_empty=True)
+            except (
+                aiormq.exceptions.ChannelPreconditionFailed,
+                aiormq.exceptions.ChannelNotFoundEntity,
+            ):
+                pass  # not empty, in use, or gone: it stays (or is already) as it is
+            finally:
+                self._free.put_nowait(channel)
+
+        await _translated(delete())
+
     async def queued(self, name: str) -> int | None:
         """Messages ready in the endpoint's queue, or None if it has none."""
 
@@ -175,8 +192,13 @@ class Broker:
                 queue, durable=True, arguments=work_queue_arguments(self._settings)
             )
         except aiormq.exceptions.ChannelPreconditionFailed:
-            channel = await self._open()
-            declared = await channel.queue_declare(queue, passive=True)
+            fresh = await self._open()
+            try:
+                declared = await fresh.queue_declare(queue, passive=True)
+            except BaseException:
+                await fresh.close()
+                raise
+            channel = fresh
         return channel, declared
 
     async def _bind(

@@ -12,9 +12,9 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
-import asyncpg
 import structlog
 
+from api.store import Connection
 from worker.exceptions import HooklineError
 from worker.registry import channel_name
 
@@ -22,8 +22,6 @@ from worker.registry import channel_name
 ADVISORY_LOCK_ID = 0x686F6F6B6C696E65
 MAX_IDENTIFIER_BYTES = 63
 MIGRATION_FILE_RE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
-
-Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
 log = structlog.get_logger("hookline.api")
 

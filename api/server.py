@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 
 import structlog
 from aiohttp import web
@@ -21,7 +22,7 @@ from api.broker import Broker
 from api.metrics import ApiMetrics
 from api.migrate import pending
 from producer.connection import BROKER_GONE
-from worker.exceptions import ConfigError, ListenError, RegistryUnavailable
+from worker.exceptions import ConfigError, HooklineError, ListenError, RegistryUnavailable
 from worker.registry import DATABASE_FAILURES
 from worker.settings import Settings
 
@@ -112,16 +113,17 @@ class ApiServer:
                 await self.broker.start()
                 log.info("api_broker_connected", broker=self.settings.broker.masked_url)
                 return
-            except BROKER_GONE as exc:
+            except Exception as exc:  # noqa: BLE001 - away or refusing: writes answer 503 meanwhile
                 log.warning(
                     "broker_unreachable",
                     broker=self.settings.broker.masked_url,
-                    error=exc.__class__.__name__,
-                    retry_in_s=delay_s,
+                    error=str(exc) if isinstance(exc, HooklineError) else exc.__class__.__name__,
+                    retry_in_s=round(delay_s, 2),
                 )
                 await self.broker.close()
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, self.settings.broker.connect_retry_max_s)
+            delay_s *= random.uniform(0.8, 1.0)  # noqa: S311 - jitter, not cryptography
 
     async def stop(self) -> None:
         if self._connecting is not None:

@@ -153,8 +153,11 @@ async def insert_endpoint(
 
 async def update_endpoint(connection: Connection, name: str, changes: dict[str, Any]) -> Row:
     """Apply ``changes`` (columns of :data:`WRITABLE` or ``secrets``), bump the version."""
-    assert changes
-    assert set(changes) <= {*WRITABLE, "secrets"}
+    unknown = set(changes) - {*WRITABLE, "secrets"}
+    if not changes or unknown:
+        # Column names go into the statement: never anything but these (not an assert,
+        # which python -O removes).
+        raise ValueError(f"cannot update {sorted(unknown) or 'nothing'}")
     assignments = ", ".join(f"{column} = ${i}" for i, column in enumerate(changes, start=2))
     # Column names checked against WRITABLE above; every value is a parameter.
     statement = f"UPDATE endpoints SET {assignments}, {BUMP} WHERE name = $1 RETURNING *"  # noqa: S608  # nosec B608
@@ -184,13 +187,22 @@ async def deleted_name(connection: Connection, name: str) -> Row | None:
     return dict(row) if row is not None else None
 
 
-async def take_name(
-    connection: Connection, name: str, *, recover_after: datetime | None
-) -> datetime | None:
-    """Give a deleted name to its new endpoint; returns its ``recover_after``."""
+async def lock_name(connection: Connection, name: str) -> None:
+    """Serialise every create and delete of ``name`` until the transaction ends: a create
+    must not read ``deleted_names`` while the name's delete is still uncommitted."""
+    await connection.execute("SELECT pg_advisory_xact_lock(hashtext('name:' || $1))", name)
+
+
+async def take_name(connection: Connection, name: str, *, keep_history: Row | None) -> datetime:
+    """Give a deleted name to its new endpoint. With ``keep_history`` (the deleted row of
+    the same tenant), recoveries reach back to that endpoint's creation; otherwise to
+    now. Returns the new ``recover_after``."""
     await connection.execute("DELETE FROM deleted_names WHERE name = $1", name)
-    await connection.execute(
-        "UPDATE endpoints SET recover_after = $2 WHERE name = $1", name, recover_after
+    recover_after: datetime = await connection.fetchval(
+        "UPDATE endpoints SET recover_after = coalesce($2, recover_after) WHERE name = $1"
+        " RETURNING recover_after",
+        name,
+        keep_history["recover_after"] if keep_history is not None else None,
     )
     return recover_after
 

@@ -588,3 +588,27 @@ async def _admin_key(database_url: str) -> str:
     finally:
         await connection.close()
     return key.token
+
+
+async def test_a_recovery_never_reaches_before_the_endpoint_existed(
+    api_client: ApiClient, broker: Broker
+) -> None:
+    """Dead letters left under a name before the endpoint was created (by a config-file
+    endpoint since removed, say) are not the new endpoint's to recover."""
+    exchange = api_client.server.settings.broker.exchange
+    await dead_letter_event(broker, exchange, "fresh", "evt-before")
+    await asyncio.sleep(0.05)
+    assert (await api_client.call("POST", "/v1/endpoints", new_endpoint("fresh"))).status == 201
+    started = await api_client.call(
+        "POST", "/v1/endpoints/fresh/recover", {"since": "2000-01-01T00:00:00Z"}
+    )
+    assert started.status == 202
+
+    async def finished() -> bool:
+        state = await api_client.call("GET", started.headers["Location"])
+        return bool(state.body["status"] == "finished")
+
+    await eventually(finished)
+    state = await api_client.call("GET", started.headers["Location"])
+    assert state.body["replayed"] == 0
+    assert state.body["since"] > "2000-01-02"

@@ -269,7 +269,7 @@ async def test_a_row_the_worker_cannot_use_is_skipped_and_the_rest_deliver(
     api_client: ApiClient, run_worker: RunWorker, receiver: Receiver
 ) -> None:
     """A row whose secret does not open (tampered with) is logged and skipped; the other
-    endpoints deliver."""
+    endpoints deliver; a row of the wrong shape stops neither the worker nor its sync."""
     await api_client.call(
         "POST", "/v1/endpoints", {"name": "good", "url": f"{receiver.base_url}/g", "events": ["e"]}
     )
@@ -295,3 +295,23 @@ async def test_a_row_the_worker_cannot_use_is_skipped_and_the_rest_deliver(
     )
     await publish(api_client.server.settings.broker.exchange, "e", "evt-g")
     await eventually(as_async(lambda: "evt-g" in received_ids(receiver, "/g")))
+    assert worker.registry is not None
+    assert worker.registry.detail()["invalid_endpoints"] == ["bad"]
+
+    # A row of the wrong shape, written by hand while the worker runs, takes that endpoint
+    # out (its last version may carry a revoked secret) and stops nothing else.
+    connection = await asyncpg.connect(api_client.database_url)
+    try:
+        await connection.execute(
+            """UPDATE endpoints SET secrets = '[{"x": 1}]' WHERE name = 'good'"""
+        )
+    finally:
+        await connection.close()
+    await eventually(as_async(lambda: worker.settings.endpoints == ()))
+    assert worker.metrics.registry.get_sample_value("webhook_registry_invalid_endpoints") == 2
+    created = await api_client.call(
+        "POST", "/v1/endpoints", {"name": "later", "url": f"{receiver.base_url}/l", "events": ["e"]}
+    )
+    assert created.status == 201
+    await eventually(as_async(lambda: [e.name for e in worker.settings.endpoints] == ["later"]))
+    assert worker.registry.connected

@@ -255,6 +255,8 @@ class EndpointSet:
         """
         running = self._running.pop(name, None)
         dropped = set(before.events if before is not None else ()) - set(endpoint.events)
+        if before is not None and before.from_registry:
+            dropped = set()  # the API unbound them with the change itself
         if running is not None:
             try:
                 await running.consumer.stop_consuming()
@@ -270,15 +272,18 @@ class EndpointSet:
     async def _remove(self, name: str, before: EndpointSettings) -> None:
         """Unbind it so no new events queue up, and leave what is queued where it is."""
         running = self._running.pop(name, None)
+        # The API unbinds a registry endpoint before its row goes; unbinding here, later,
+        # could undo the bindings of an endpoint of the same name created since.
+        patterns = () if before.from_registry else before.events
         if running is not None:
             try:
                 await running.consumer.stop_consuming()
-                await self._unbind(running, before.events)
+                await self._unbind(running, patterns)
             finally:
                 self._retire(running)
-        else:
+        elif patterns:
             # Its start was being retried: a failed start may have bound before it failed.
-            await self._unbind_elsewhere(name, before.events)
+            await self._unbind_elsewhere(name, patterns)
         self._metrics.forget_endpoint(name)
         queued: int | None = None
         with contextlib.suppress(Exception):  # only the count in the log line is missed

@@ -43,6 +43,7 @@ class RegistryGauges:
 
     connected: Gauge
     endpoints: Gauge
+    invalid: Gauge
     last_sync: Gauge
 
 
@@ -196,6 +197,12 @@ class Metrics:
                 endpoints=Gauge(
                     "webhook_registry_endpoints",
                     "Endpoints the worker has from the registry.",
+                    registry=self.registry,
+                ),
+                invalid=Gauge(
+                    "webhook_registry_invalid_endpoints",
+                    "Registry rows this worker cannot use (not delivered until fixed; the "
+                    "registry_endpoint_invalid log line says why).",
                     registry=self.registry,
                 ),
                 last_sync=Gauge(

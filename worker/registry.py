@@ -64,6 +64,11 @@ RETRY_FIRST_DELAY_S = 0.5
 RETRY_MAX_DELAY_S = 30.0
 # Several notifications within this window are read together.
 NOTIFY_BATCH_S = 0.005
+# A quiet connection is asked "SELECT 1" this often; every query has this bound.
+PING_S = 10.0
+QUERY_TIMEOUT_S = 15.0
+# /readyz names this many endpoints whose rows the worker cannot use, at most.
+LISTED_INVALID = 20
 
 log = structlog.get_logger("hookline.registry")
 
@@ -117,7 +122,8 @@ def endpoint_from_row(row: Row, box: SecretBox, now: float) -> EndpointSettings:
     for field in OPTIONAL_FIELDS:
         if row[field] is not None:
             document[field] = row[field]
-    return EndpointSettings.model_validate(document, context={"environ": {}})
+    endpoint = EndpointSettings.model_validate(document, context={"environ": {}})
+    return endpoint.mark_from_registry()
 
 
 def open_headers(box: SecretBox, endpoint: str, sealed: Mapping[str, str]) -> dict[str, str]:
@@ -175,6 +181,10 @@ class Registry:
         self._task: asyncio.Task[None] | None = None
         self._connection: asyncpg.Connection | None = None
         self._lost = asyncio.Event()
+        # Rows this worker cannot use (logged once per version, counted in /readyz).
+        self._invalid: set[str] = set()
+        self._snapshot_dirty = False
+        self._snapshot_written: float | None = None
         self.connected = False
         self.unavailable_since: float | None = None
         self.last_sync: float | None = None
@@ -189,6 +199,7 @@ class Registry:
         detail: dict[str, Any] = {
             "connected": self.connected,
             "endpoints": len(self._endpoints),
+            "invalid_endpoints": sorted(self._invalid)[:LISTED_INVALID],
         }
         if self.last_sync is not None:
             detail["last_sync_age_s"] = round(time.time() - self.last_sync, 1)
@@ -206,7 +217,7 @@ class Registry:
                 await self._read_all(connection)
             finally:
                 await connection.close(timeout=1)
-        except REGISTRY_DOWN as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the worker starts
             self._unavailable(exc)
             snapshot = self._load_snapshot()
             log.warning(
@@ -224,6 +235,8 @@ class Registry:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        if self._snapshot_dirty:
+            await self._save_snapshot()  # what the next start falls back on
         if self._connection is not None:
             with contextlib.suppress(Exception):
                 await self._connection.close(timeout=1)
@@ -234,18 +247,31 @@ class Registry:
         while True:
             try:
                 await self._listen_and_sync()
-            except REGISTRY_DOWN as exc:
+            except Exception as exc:
                 self._unavailable(exc)
                 log.warning(
                     "registry_unavailable",
                     error=self.last_error,
                     retry_in_s=round(delay_s, 2),
                     endpoints_kept=len(self._endpoints),
+                    exc_info=None if isinstance(exc, REGISTRY_DOWN) else exc,
                 )
-                await asyncio.sleep(delay_s)
+                await self._wait_away(delay_s)
                 delay_s = min(delay_s * 2, RETRY_MAX_DELAY_S) * random.uniform(0.8, 1.0)  # noqa: S311
             else:
                 delay_s = RETRY_FIRST_DELAY_S
+
+    async def _wait_away(self, delay_s: float) -> None:
+        """Wait out a retry delay, ending secrets' grace periods on time meanwhile: with
+        the database away, the rows kept are the truth there is."""
+        deadline = time.monotonic() + delay_s
+        while (left_s := deadline - time.monotonic()) > 0:
+            if self._expiries:
+                left_s = min(left_s, max(0.0, min(self._expiries.values()) - time.time()))
+            await asyncio.sleep(left_s)
+            due = {name for name, at in self._expiries.items() if at <= time.time()}
+            if due:
+                self._apply({name: self._rows[name] for name in due}, names=due)
 
     async def _listen_and_sync(self) -> None:
         """Until the connection is lost: listen, read everything, then follow changes."""
@@ -273,7 +299,7 @@ class Registry:
     async def _follow(self, connection: asyncpg.Connection) -> None:
         next_reconcile = time.monotonic() + self._settings.registry.reconcile_s
         while True:
-            wait_s = next_reconcile - time.monotonic()
+            wait_s = min(next_reconcile - time.monotonic(), PING_S)
             if self._expiries:
                 wait_s = min(wait_s, min(self._expiries.values()) - time.time())
             if not self._notified and not self._lost.is_set():
@@ -284,6 +310,12 @@ class Registry:
                     await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, wait_s))
             if self._lost.is_set() or connection.is_closed():
                 raise RegistryUnavailable("the registry connection was lost")
+            if not self._notified:
+                # A connection a NAT or a failover left half-open delivers no notification
+                # and no error: ask it something, within a bound.
+                await connection.fetchval("SELECT 1", timeout=QUERY_TIMEOUT_S)
+            if self._snapshot_due():
+                await self._save_snapshot()
             if time.monotonic() >= next_reconcile:
                 await self._read_all(connection)
                 next_reconcile = time.monotonic() + self._settings.registry.reconcile_s
@@ -310,19 +342,17 @@ class Registry:
         self._gauges.connected.set(0)
 
     async def _read_all(self, connection: asyncpg.Connection) -> None:
-        rows = await connection.fetch(SELECT_ENDPOINTS)
+        rows = await connection.fetch(SELECT_ENDPOINTS, timeout=QUERY_TIMEOUT_S)
         fresh = {row["name"]: dict(row) for row in rows}
-        changed = self._apply(fresh, names=None)
+        self._snapshot_dirty |= self._apply(fresh, names=None)
         self._synced()
-        if changed:
-            self._save_snapshot()
+        if self._snapshot_written is None:
+            await self._save_snapshot()
 
     async def _read_some(self, connection: asyncpg.Connection, names: set[str]) -> None:
-        rows = await connection.fetch(SELECT_NAMED_ENDPOINTS, list(names))
-        changed = self._apply({row["name"]: dict(row) for row in rows}, names=names)
+        rows = await connection.fetch(SELECT_NAMED_ENDPOINTS, list(names), timeout=QUERY_TIMEOUT_S)
+        self._snapshot_dirty |= self._apply({row["name"]: dict(row) for row in rows}, names=names)
         self._synced()
-        if changed:
-            self._save_snapshot()
 
     def _synced(self) -> None:
         self.last_sync = time.time()
@@ -340,45 +370,56 @@ class Registry:
             if row is None:
                 self._rows.pop(name, None)
                 self._expiries.pop(name, None)
+                self._invalid.discard(name)
                 changed |= self._endpoints.pop(name, None) is not None
                 continue
             if self._rows.get(name) == row and not expired:
                 continue
             self._rows[name] = row
-            ends = next_expiry(row, now)
-            if ends is None:
-                self._expiries.pop(name, None)
-            else:
-                self._expiries[name] = ends
+            self._expiries.pop(name, None)
             try:
+                ends = next_expiry(row, now)
                 endpoint = endpoint_from_row(row, self._box, now)
                 problems = self._settings.endpoint_problems(endpoint)
                 if problems:
                     raise ValueError("; ".join(f"{field}: {text}" for field, text in problems))
-            except (ValueError, SecretUnreadable) as exc:
-                # Kept as it was: one bad row must not take an endpoint away that works.
+            except Exception as exc:  # noqa: BLE001 - a row written by hand can be anything
+                # Not delivered until the row is fixed (its events wait in its queue): the
+                # row may be a new URL or a revoked secret, so the last good version is no
+                # longer the truth.
                 log.error("registry_endpoint_invalid", endpoint=name, error=_validation(exc))
+                self._invalid.add(name)
+                changed |= self._endpoints.pop(name, None) is not None
                 continue
+            self._invalid.discard(name)
+            if ends is not None:
+                self._expiries[name] = ends
             if self._endpoints.get(name) != endpoint:
                 self._endpoints[name] = endpoint
                 changed = True
         self._gauges.endpoints.set(len(self._endpoints))
+        self._gauges.invalid.set(len(self._invalid))
         if changed:
             self._on_change()
         return changed
 
-    def _save_snapshot(self) -> None:
+    def _snapshot_due(self) -> bool:
+        """At most once per ``reconcile_s``: encoding 10,000 rows holds the event loop for
+        a few hundred milliseconds."""
+        written = self._snapshot_written
+        return self._snapshot_dirty and (
+            written is None or time.monotonic() - written >= self._settings.registry.reconcile_s
+        )
+
+    async def _save_snapshot(self) -> None:
         path = self._settings.registry.snapshot_path
+        self._snapshot_dirty = False
+        self._snapshot_written = time.monotonic()
         if path is None:
             return
         document = {"written_at": time.time(), "rows": list(self._rows.values())}
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            # Secrets stay sealed in it; still, only the worker's user may read it.
-            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-                json.dump(document, file)
-            temporary.replace(path)
+            await asyncio.to_thread(_write_atomically, path, document)
         except OSError as exc:
             log.warning("registry_snapshot_not_written", error=exc.__class__.__name__)
 
@@ -394,6 +435,17 @@ class Registry:
             return 0
         self._apply(rows, names=None)
         return len(self._endpoints)
+
+
+def _write_atomically(path: Path, document: dict[str, Any]) -> None:
+    """Secrets stay sealed in it; still, only the worker's user may read it."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+        json.dump(document, file)
+        file.flush()
+        os.fsync(file.fileno())
+    temporary.replace(path)
 
 
 # What a lost or refused database connection raises once it was open.

@@ -187,10 +187,9 @@ class Worker:
                     self._wake.clear()
                     if self._reload_requested and not self._stopping:
                         self._reload_requested = False
-                        self._registry_changed = False
                         await self.reload()
-                    elif self._registry_changed and not self._stopping:
-                        self._registry_changed = False
+                    # Still set if the reload was rejected: the registry's change is not.
+                    if self._registry_changed and not self._stopping:
                         await self.apply(self._file_settings, source="registry")
         finally:
             if self.registry is not None:
@@ -325,7 +324,8 @@ class Worker:
         return file_settings.model_copy(update={"endpoints": (*file_settings.endpoints, *extra)})
 
     async def apply(self, file_settings: Settings, *, source: str) -> None:
-        """Apply new settings (from the file, or the registry's endpoints changing)."""
+        """Apply new settings (from the file, or the registry's endpoints changing); the
+        registry's current endpoints are part of either."""
         loaded = self._with_registry(file_settings)
         plan = plan_reload(self.settings, loaded)
         if plan.needs_restart:
@@ -333,6 +333,8 @@ class Worker:
         schedule_changed = plan.settings.retry.delays_s != self.settings.retry.delays_s
         if schedule_changed and not await self._declare_tiers(plan.settings):
             return
+        # What the registry had when the plan was made is applied with it.
+        self._registry_changed = False
         # What the reload replaces may be collected; frozen objects never would be (nor
         # would they if an earlier reload's refreeze ran in the middle of this one).
         self._cancel_refreeze()

@@ -266,6 +266,8 @@ class EndpointSettings(Model):
     metrics_detail: bool = False
 
     _signing_keys: tuple[SigningKey, ...] = PrivateAttr(default=())
+    # From the registry: the API binds and unbinds its queue (see from_registry).
+    _from_registry: bool = PrivateAttr(default=False)
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
@@ -388,6 +390,17 @@ class EndpointSettings(Model):
                 raise ValueError(f"secret_env: environment variable {variable} is not set")
             values.append(value)
         self._signing_keys = tuple(SigningKey.parse(value) for value in values)
+        return self
+
+    @property
+    def from_registry(self) -> bool:
+        """Managed through the API, which binds and unbinds the queue in the same
+        transaction as the row: a worker that applies a change later must not undo a
+        binding the API has made since."""
+        return self._from_registry
+
+    def mark_from_registry(self) -> EndpointSettings:
+        self._from_registry = True
         return self
 
     @property

@@ -20,11 +20,16 @@ CREATE TABLE endpoints (
     -- Newest first: [{"sealed": "v1.<key id>.<...>", "expires_at": null | epoch seconds}]
     secrets jsonb NOT NULL,
     version bigint NOT NULL DEFAULT 1,
-    -- A recovery never reaches back before this: when the name passed from one tenant to
-    -- another, what was dead-lettered before belongs to the earlier owner.
-    recover_after timestamptz,
+    -- A recovery never reaches back before this: when the endpoint was first created by
+    -- its tenant. What was dead-lettered under the name before (another tenant's endpoint,
+    -- or a config-file endpoint since removed) is not this endpoint's.
+    recover_after timestamptz NOT NULL DEFAULT now(),
     created_at timestamptz NOT NULL DEFAULT now(),
-    updated_at timestamptz NOT NULL DEFAULT now()
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    -- Rows written with plain SQL must still have the shapes readers rely on.
+    CHECK (jsonb_typeof(secrets) = 'array' AND jsonb_array_length(secrets) > 0),
+    CHECK (jsonb_typeof(headers) = 'object'),
+    CHECK (filter IS NULL OR jsonb_typeof(filter) = 'object')
 );
 
 CREATE INDEX endpoints_by_tenant ON endpoints (tenant, name);
@@ -32,7 +37,8 @@ CREATE INDEX endpoints_by_tenant ON endpoints (tenant, name);
 -- Every committed change tells the workers which endpoint changed; they re-read it.
 CREATE FUNCTION endpoints_notify() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify('hookline_endpoints_' || current_schema(), COALESCE(NEW.name, OLD.name));
+    -- The table's own schema, whatever the writing session's search_path.
+    PERFORM pg_notify('hookline_endpoints_' || TG_TABLE_SCHEMA, COALESCE(NEW.name, OLD.name));
     RETURN NULL;
 END
 $$;
@@ -57,7 +63,7 @@ CREATE TABLE api_keys (
 CREATE TABLE deleted_names (
     name text COLLATE "C" PRIMARY KEY,
     tenant text COLLATE "C",
-    recover_after timestamptz,
+    recover_after timestamptz NOT NULL,
     deleted_at timestamptz NOT NULL DEFAULT now()
 );
 
