@@ -269,7 +269,7 @@ class Api:
                     and deleted["tenant"] != principal.tenant
                 ):
                     raise _name_taken(endpoint.name)
-                values["filter"] = endpoint.filter.document if endpoint.filter is not None else None
+                values["filter"] = endpoint.filter_document
                 values["headers"] = self._sealed_headers(endpoint.name, endpoint.headers)
                 row = await store.insert_endpoint(
                     connection, values, self._box.seal(secret, endpoint.name)
@@ -385,9 +385,7 @@ class Api:
                 if "events" in changes:
                     self._check_subscriptions(principal, endpoint)
                 if "filter" in changes:
-                    changes["filter"] = (
-                        endpoint.filter.document if endpoint.filter is not None else None
-                    )
+                    changes["filter"] = endpoint.filter_document
                 if "headers" in changes:
                     changes["headers"] = self._sealed_headers(name, endpoint.headers)
                 updated = await store.update_endpoint(connection, name, changes)
@@ -828,7 +826,7 @@ def _config_view(endpoint: EndpointSettings) -> models.Endpoint:
         url=endpoint.display_url,
         events=list(endpoint.events),
         tenant=endpoint.tenant,
-        filter=endpoint.filter.document if endpoint.filter is not None else None,
+        filter=endpoint.filter_document,
         # Header values may hold credentials of the file's; names only.
         headers=dict.fromkeys(endpoint.headers, "****"),
         timeout_s=endpoint.timeout_s,

@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 
 from api.keys import NewKey, Principal, matches, new_key, split_token
-from worker.registry import init_connection
+from worker.registry import Row, init_connection
 from worker.settings import Settings
 
 # Columns the API writes from a request; the rest are the registry's own.
@@ -44,7 +44,6 @@ RECOVERY_DEAD_AFTER_S = 60  # the current one and up to nine still in their grac
 # Several API processes each hold a pool: small, since every request is a few queries.
 POOL_MAX_SIZE = 10
 
-Row = dict[str, Any]
 # A connection of its own or one lent by the pool.
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 

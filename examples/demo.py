@@ -157,7 +157,8 @@ class Child:
         return await self.process.wait()
 
 
-async def start(output: Output, label: str, *args: str, env: dict[str, str] | None = None) -> Child:
+async def spawn(*args: str, env: dict[str, str] | None) -> asyncio.subprocess.Process:
+    """``python *args`` in the repository, both outputs piped."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         *args,
@@ -166,6 +167,13 @@ async def start(output: Output, label: str, *args: str, env: dict[str, str] | No
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+    assert process.stdout is not None
+    assert process.stderr is not None
+    return process
+
+
+async def start(output: Output, label: str, *args: str, env: dict[str, str] | None = None) -> Child:
+    process = await spawn(*args, env=env)
     assert process.stdout is not None
     assert process.stderr is not None
     label = label.ljust(9)
@@ -190,14 +198,7 @@ async def run(output: Output, label: str, *args: str, env: dict[str, str] | None
 async def capture(output: Output, label: str, *args: str, env: dict[str, str] | None = None) -> str:
     """A one-shot command's standard output (what it prints once, such as a key); its
     standard error is relayed."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *args,
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    process = await spawn(*args, env=env)
     assert process.stdout is not None
     assert process.stderr is not None
     relaying = asyncio.create_task(relay(process.stderr, label.ljust(9), output))

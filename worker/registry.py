@@ -342,19 +342,22 @@ class Registry:
         self._gauges.connected.set(0)
 
     async def _read_all(self, connection: asyncpg.Connection) -> None:
-        rows = await connection.fetch(SELECT_ENDPOINTS, timeout=QUERY_TIMEOUT_S)
-        fresh = {row["name"]: dict(row) for row in rows}
-        self._snapshot_dirty |= self._apply(fresh, names=None)
-        self._synced()
+        await self._read(connection, None)
         if self._snapshot_written is None:
             await self._save_snapshot()
 
     async def _read_some(self, connection: asyncpg.Connection, names: set[str]) -> None:
-        rows = await connection.fetch(SELECT_NAMED_ENDPOINTS, list(names), timeout=QUERY_TIMEOUT_S)
-        self._snapshot_dirty |= self._apply({row["name"]: dict(row) for row in rows}, names=names)
-        self._synced()
+        await self._read(connection, names)
 
-    def _synced(self) -> None:
+    async def _read(self, connection: asyncpg.Connection, names: set[str] | None) -> None:
+        """Every row, or those of ``names`` (a name with no row is a deleted endpoint)."""
+        if names is None:
+            rows = await connection.fetch(SELECT_ENDPOINTS, timeout=QUERY_TIMEOUT_S)
+        else:
+            rows = await connection.fetch(
+                SELECT_NAMED_ENDPOINTS, list(names), timeout=QUERY_TIMEOUT_S
+            )
+        self._snapshot_dirty |= self._apply({row["name"]: dict(row) for row in rows}, names)
         self.last_sync = time.time()
         self._gauges.last_sync.set(self.last_sync)
 

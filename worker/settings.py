@@ -393,6 +393,11 @@ class EndpointSettings(Model):
         return self
 
     @property
+    def filter_document(self) -> dict[str, Any] | None:
+        """The filter as JSON, as it was given (what the API stores and shows)."""
+        return self.filter.document if self.filter is not None else None
+
+    @property
     def from_registry(self) -> bool:
         """Managed through the API, which binds and unbinds the queue in the same
         transaction as the row: a worker that applies a change later must not undo a
