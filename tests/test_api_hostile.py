@@ -204,9 +204,9 @@ async def test_a_tenant_key_cannot_subscribe_to_every_tenants_events(
 async def test_a_stalled_recovery_does_not_hide_other_tenants_dead_letters(
     api_client: ApiClient, broker: Broker
 ) -> None:
-    """A recovery holds every dead letter it has read, unacked, until it ends, and
-    rate_per_s may be as small as 1e-9. acme's crawling recovery must not leave globex's
-    recovery finding nothing while globex's dead letter is still there."""
+    """A recovery holds every dead letter it has read, unacked, until it ends. A crawling
+    rate (1e-9/s) is refused; at the slowest rate allowed, acme's recovery must not leave
+    globex's finding nothing while globex's dead letter is still there."""
     exchange = exchange_of(api_client)
     acme = await api_client.create_key(tenant="acme")
     globex = await api_client.create_key(tenant="globex")
@@ -220,19 +220,19 @@ async def test_a_stalled_recovery_does_not_hide_other_tenants_dead_letters(
     await dead_letter(broker, exchange, "acme-ep", "acme-1")
     await dead_letter(broker, exchange, "acme-ep", "acme-2")
     crawl = await api_client.call(
-        "POST",
-        "/v1/endpoints/acme-ep/recover",
-        {**SINCE_2000, "rate_per_s": 1e-9},
-        key=acme,
+        "POST", "/v1/endpoints/acme-ep/recover", {**SINCE_2000, "rate_per_s": 1e-9}, key=acme
     )
-    if crawl.status == 202:
-        await asyncio.sleep(1.0)  # acme's recovery has read every letter by now
-        started = await api_client.call(
-            "POST", "/v1/endpoints/globex-ep/recover", SINCE_2000, key=globex
-        )
-        assert started.status == 202
-        recovery = await wait_recovery(api_client, started.headers["Location"], key=globex)
-        assert recovery["replayed"] == 1, recovery
+    assert crawl.status == 422, crawl.body
+    slowest = await api_client.call(
+        "POST", "/v1/endpoints/acme-ep/recover", {**SINCE_2000, "rate_per_s": 1}, key=acme
+    )
+    assert slowest.status == 202, slowest.body
+    started = await api_client.call(
+        "POST", "/v1/endpoints/globex-ep/recover", SINCE_2000, key=globex
+    )
+    assert started.status == 202
+    recovery = await wait_recovery(api_client, started.headers["Location"], key=globex)
+    assert recovery["replayed"] == 1, recovery
 
 
 async def test_other_tenants_are_invisible_through_recoveries_cursors_and_filters(
