@@ -550,7 +550,7 @@ async def test_the_same_tenant_recovers_what_it_retired_under_a_name_it_re_creat
 
 
 async def test_the_api_listens_before_rabbitmq_answers(
-    registry_db: str, exchange_name: str, proxy: TcpProxy
+    registry_db: str, exchange_name: str, proxy: TcpProxy, broker: Broker
 ) -> None:
     """Started while RabbitMQ refuses connections, the API answers /healthz, says in
     /readyz that the broker is not there, answers writes 503, and becomes ready once
@@ -579,6 +579,7 @@ async def test_the_api_listens_before_rabbitmq_answers(
     finally:
         await client.session.close()
         await server.stop()
+        await broker.delete_all(settings)
 
 
 async def _admin_key(database_url: str) -> str:

@@ -21,6 +21,7 @@ from tests.conftest import (
     REPO,
     SECRET_KEY,
     ApiClient,
+    Broker,
     make_document,
     make_settings,
     registry_sections,
@@ -107,11 +108,11 @@ async def test_serving_without_migrations_says_what_to_run(tmp_path: Path) -> No
 
 
 async def test_the_api_process_serves_and_stops_on_sigterm(
-    registry_db: str, tmp_path: Path
+    registry_db: str, exchange_name: str, tmp_path: Path, broker: Broker
 ) -> None:
     """`python -m api --config ...` answers /readyz, ignores SIGHUP, and SIGTERM ends it
     with exit 0."""
-    document = make_document("hl-cli-serve", [], **registry_sections(registry_db))
+    document = make_document(exchange_name, [], **registry_sections(registry_db))
     document["api"]["port"] = 18473
     config = write_config(tmp_path, document)
     process = await asyncio.create_subprocess_exec(
@@ -148,6 +149,7 @@ async def test_the_api_process_serves_and_stops_on_sigterm(
         if process.returncode is None:
             process.kill()
             await process.wait()
+        await broker.delete_all(make_settings(exchange_name, [], **registry_sections(registry_db)))
 
 
 async def test_worker_commands_know_the_registrys_endpoints(
